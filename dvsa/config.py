@@ -49,6 +49,9 @@ class DataConfig:
     prefetch_batches: int = 2
     max_val_images: int = 200       # cap on validation images (METEOR subset)
     features: Optional[str] = None  # precomputed frozen-CNN feature shards (dvsa features)
+    jpeg_decoder: Literal["pil", "torchvision"] = "pil"  # pil: reduced-size draft decode
+    decode_pool: Literal["tasks", "actors"] = "tasks"    # map_batches as tasks or an actor pool
+    shuffle_buffer: int = 256       # rows in the local shuffle buffer of training iteration (0: off)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class ModelConfig:
     word_dim: int = 128             # word vectors x_t (paper: 300)
     hidden_dim: int = 256           # RNN hidden size (paper: 300-600, captioner 512)
     word_vectors: Optional[str] = None  # optional text file "word v1 v2 ..." to initialise W_w
+    freeze_word_vectors: bool = False   # keep W_w fixed (the paper keeps word2vec vectors fixed)
     dropout: float = 0.0
 
 
@@ -83,6 +87,7 @@ class CaptionConfig:
     decode: Literal["beam", "greedy", "sample"] = "beam"
     temperature: float = 1.0
     max_regions_per_image: int = 20  # region captioner: regions sampled per image per step
+    rnn_input_relu: bool = False    # rnn cell: pass W_hx x_t through ReLU too (paper, sec. 3.2)
 
 
 @dataclass
@@ -200,10 +205,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() != "" else ""
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        out[key] = _numeric(value)
     return out
+
+
+def _numeric(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return int(value) if value.lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
@@ -345,7 +361,7 @@ _POSITIVE_INT = {
     "tune.max_concurrent_trials", "tune.grace_period",
 }
 _NON_NEGATIVE = {
-    "data.prefetch_batches", "data.max_val_images", "train.max_steps", "train.weight_decay",
+    "data.prefetch_batches", "data.max_val_images", "data.shuffle_buffer", "train.max_steps", "train.weight_decay",
     "train.grad_clip", "train.max_failures", "train.momentum", "align.mrf_beta",
     "tune.gpus_per_trial",
 }

@@ -15,6 +15,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread in the test process: on 2 cores shared with Ray workers, torch's
+    default thread pool oversubscribes the CPU and small models run 10-100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray for this test module only, with its own short temp dir.

@@ -1,0 +1,54 @@
+"""``dvsa prepare vg|karpathy``: raw data -> WebDataset shards + manifest.json + vocab.json."""
+
+from __future__ import annotations
+
+HELP = "turn VG or Karpathy-split data into WebDataset shards (+ manifest, vocab)"
+
+
+def _common(p) -> None:
+    from dvsa.data.prepare import DEFAULT_CHUNK_IMAGES, DEFAULT_SHARD_BYTES
+
+    p.add_argument("--out", required=True, help="output directory or fsspec URL")
+    p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="target shard size in bytes")
+    p.add_argument("--max-side", type=int, default=None, help="downscale images once so the longer side is <= PX")
+    p.add_argument("--chunk-images", type=int, default=DEFAULT_CHUNK_IMAGES, help="images per Ray task")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    p.add_argument("--verify", choices=("decode", "markers"), default="decode",
+                   help="check each JPEG by decoding it (default, at 1/8 scale) or by its markers only (faster)")
+    p.add_argument("--no-ray", action="store_true", help="process chunks in this process (debugging)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    v = sub.add_parser("vg", help="Visual Genome v1.2 (image_data.json, region_descriptions.json, VG_100K*/)")
+    v.add_argument("--root", required=True, help="directory holding image_data.json, region_descriptions.json, VG_100K*/")
+    v.add_argument("--split-file", default=None, help='densecap-style {"train": [ids], "val": [...], "test": [...]}')
+    v.add_argument("--val-images", type=int, default=None, help="without a split file: val size (default min(5000, N/10))")
+    v.add_argument("--test-images", type=int, default=None, help="without a split file: test size (default min(5000, N/10))")
+    v.add_argument("--min-count", type=int, default=15, help="vocabulary count threshold (paper: 15 for VG)")
+    _common(v)
+    k = sub.add_parser("karpathy", help="a Karpathy split file (dataset_coco.json, dataset_flickr30k.json, ...)")
+    k.add_argument("--json", required=True, help="the split file")
+    k.add_argument("--images-root", required=True, help="directory the file's filepath/filename are relative to")
+    k.add_argument("--proposals", default=None, help='{"<image id>": [[x1, y1, x2, y2], ...]} detection boxes')
+    k.add_argument("--min-count", type=int, default=5, help="vocabulary count threshold (paper: 5)")
+    k.add_argument("--vg-shards", default=None, help="prepared VG shards: report train images in its val/test")
+    _common(k)
+
+
+def run(args) -> int:
+    from dvsa.data.prepare import prepare_karpathy, prepare_vg, summary
+
+    common = dict(shard_bytes=args.shard_bytes, max_side=args.max_side, chunk_images=args.chunk_images,
+                  address=args.address, num_cpus=args.num_cpus, verify=args.verify, use_ray=not args.no_ray, progress=not args.quiet)
+    if args.source == "vg":
+        m = prepare_vg(args.root, args.out, split_file=args.split_file, val_images=args.val_images,
+                       test_images=args.test_images, min_count=args.min_count, **common)
+    else:
+        m = prepare_karpathy(args.json, args.images_root, args.out, proposals=args.proposals,
+                             min_count=args.min_count, vg_shards=args.vg_shards, **common)
+    print(summary(m))
+    print(f"wrote {args.out}/manifest.json and vocab.json")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: caption metrics (pycocoevalcap) and image-sentence retrieval (R@K)."""

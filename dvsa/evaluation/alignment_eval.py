@@ -1,0 +1,190 @@
+"""Image-sentence retrieval of a trained alignment model on a split (Table 1).
+
+Every image of the split is embedded once (``v float[N, M, h]``: the whole image, then up to
+``data.max_regions - 1`` proposals, else region boxes, exactly the boxes training ingest
+gives the model), and every one of its sentences (``s float[L, T, h]``; up to
+``sentences_per_image``, five in the paper; VG samples without full-image sentences use their
+region captions). Image k and sentence l then score ``S_kl`` with the model's own eq. 8 (or 7),
+block by block (:func:`dvsa.evaluation.retrieval.model_score_fn`), so the N x L matrix is never
+held at once. Reported, both ways (``i2t`` image annotation, ``t2i`` image search): R@1/5/10 in
+percent and the median rank, on the full split (``retrieval/...``) and averaged over 1K-image
+folds (``retrieval_1k/...``, the paper's COCO 1K test; one fold when the split is smaller).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from dvsa.errors import DataError, DvsaError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedSplit:
+    v: torch.Tensor            # float[N, M, h] region embeddings (padded)
+    v_mask: torch.Tensor       # bool[N, M]
+    s: torch.Tensor            # float[L, T, h] word embeddings
+    s_mask: torch.Tensor       # bool[L, T]
+    sent_img: torch.Tensor     # long[L]: the image (row of v) of each sentence
+    keys: list = field(default_factory=list)        # sample key per image
+    sentences: list = field(default_factory=list)   # token list per sentence
+    skipped: dict = field(default_factory=dict)     # images skipped, by reason
+
+
+def _image_boxes(meta: dict, max_regions: int, width: int, height: int) -> list[list[float]]:
+    from dvsa.ingest.samples import box_of, select
+
+    sel = select("align", meta, max_regions, None)
+    return [box_of(meta, kind, idx, width, height) for kind, idx in sel.boxes]
+
+
+def _sentences(meta: dict, per_image: int) -> list[list[str]]:
+    pool = [s["tokens"] for s in (meta.get("sentences") or []) if s.get("tokens")]
+    if not pool:
+        pool = [r["tokens"] for r in (meta.get("regions") or []) if r.get("tokens")]
+    return pool[:per_image]
+
+
+class _Embedder:
+    """Batched eq. 1 for images (one CNN pass per batch) and eq. 2-6 for sentences."""
+
+    def __init__(self, model, cfg, device: torch.device):
+        from dvsa.models.encoder import build_encoder
+
+        self.model, self.cfg, self.device = model, cfg, device
+        self.encoder = None
+        if getattr(model, "encoder", None) is None:   # trained on precomputed features
+            torch.manual_seed(cfg.train.seed)
+            self.encoder = build_encoder(cfg.model).to(device).eval()
+
+    @torch.no_grad()
+    def regions(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        from dvsa.ingest import normalize_images
+
+        M = self.cfg.data.max_regions
+        x = normalize_images(torch.from_numpy(np.stack(images)).to(self.device))        # [B, 3, S, S]
+        padded = torch.zeros(len(images), M, 4, device=self.device)
+        mask = torch.zeros(len(images), M, dtype=torch.bool, device=self.device)
+        for b, bx in enumerate(boxes):
+            padded[b, :len(bx)] = torch.from_numpy(bx)
+            mask[b, :len(bx)] = True
+        if self.encoder is None:
+            v, v_mask = self.model.embed_regions(x, padded, mask)                       # [B, M', h]
+        else:
+            feats = self.encoder(x, [padded[b][mask[b]] for b in range(len(images))])  # [sum K, D]
+            full = feats.new_zeros(len(images), M, feats.shape[-1])
+            full[mask] = feats
+            v, v_mask = self.model.embed_region_features(full, mask)
+        if v.shape[1] < M:  # embed_regions pads to the batch's largest count
+            v = torch.cat([v, v.new_zeros(v.shape[0], M - v.shape[1], v.shape[2])], dim=1)
+            v_mask = torch.cat([v_mask, v_mask.new_zeros(v_mask.shape[0], M - v_mask.shape[1])], dim=1)
+        return v.float().cpu(), v_mask.cpu()
+
+    @torch.no_grad()
+    def words(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        s, s_mask = self.model.embed_words(torch.from_numpy(tokens).to(self.device),
+                                           torch.from_numpy(lengths).to(self.device))   # [L, T, h]
+        return s.float().cpu(), s_mask.cpu()
+
+
+def _batches(shards: str, split: str, cfg, vocab, per_image: int, max_images: Optional[int],
+             batch_size: int, skipped: Counter) -> Iterator[list[tuple]]:
+    """Lists of (key, image uint8[3,S,S], boxes float[K,4] resized frame, [(ids, length, tokens)])."""
+    from dvsa.data.shards import iter_samples
+    from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
+    from dvsa.ingest.samples import Skip, encode_words
+
+    batch, n = [], 0
+    for key, jpg, meta in iter_samples(shards, split):
+        if max_images and n >= max_images:
+            break
+        sents = _sentences(meta, per_image)
+        if not sents:
+            skipped["no_sentence"] += 1
+            continue
+        try:
+            img, (w, h) = decode_resize(jpg, cfg.data.image_size, cfg.data.jpeg_decoder)
+            raw_boxes = _image_boxes(meta, cfg.data.max_regions, w, h)
+        except CorruptImage:
+            skipped["corrupt_image" if jpg else "missing_image"] += 1
+            continue
+        except (Skip, KeyError, TypeError, ValueError) as e:
+            skipped["bad_json"] += 1
+            log.warning("retrieval: skipped %s: %s", key, e)
+            continue
+        encoded = [(*encode_words(vocab, t, cfg.data.max_len), list(t)) for t in sents]
+        batch.append((key, img, scale_boxes(raw_boxes, w, h, cfg.data.image_size), encoded))
+        n += 1
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def embed_split(model, vocab, cfg, shards: str, split: str = "test", *, sentences_per_image: int = 5,
+                max_images: Optional[int] = None, batch_size: int = 16,
+                device: Optional[str] = None) -> EmbeddedSplit:
+    """Embed every image (regions) and sentence (words) of ``split`` with the alignment model."""
+    from dvsa.evaluation.regions import pick_device
+
+    if cfg.task != "align" or not hasattr(model, "embed_words"):
+        raise DvsaError(f"retrieval needs an alignment model; this checkpoint is a {cfg.task!r} model")
+    dev = pick_device(device)
+    model = model.to(dev).eval()
+    emb = _Embedder(model, cfg, dev)
+    skipped: Counter = Counter()
+    vs, vms, ss, sms, sent_img, keys, sentences = [], [], [], [], [], [], []
+    for batch in _batches(shards, split, cfg, vocab, sentences_per_image, max_images, batch_size, skipped):
+        v, vm = emb.regions([b[1] for b in batch], [b[2] for b in batch])
+        vs.append(v)
+        vms.append(vm)
+        rows = [(len(keys) + i, e) for i, b in enumerate(batch) for e in b[3]]
+        tokens = np.stack([e[0] for _, e in rows])
+        lengths = np.array([e[1] for _, e in rows], dtype=np.int64)
+        s, sm = emb.words(tokens, lengths)
+        ss.append(s)
+        sms.append(sm)
+        sent_img.extend(i for i, _ in rows)
+        sentences.extend(e[2] for _, e in rows)
+        keys.extend(b[0] for b in batch)
+    if not keys:
+        raise DataError(f"{shards}: no {split} image with a sentence to evaluate retrieval on")
+    return EmbeddedSplit(torch.cat(vs), torch.cat(vms), torch.cat(ss), torch.cat(sms),
+                         torch.tensor(sent_img, dtype=torch.long), keys, sentences, dict(skipped))
+
+
+def retrieval_from_embeddings(model, e: EmbeddedSplit, fold_size: int = 1000) -> dict[str, float]:
+    """``retrieval/<k>`` on the whole set and ``retrieval_1k/<k>`` over ``fold_size``-image folds."""
+    from dvsa.evaluation.retrieval import fold_metrics, model_score_fn, retrieval_metrics
+
+    model = model.cpu().eval()
+    fn = model_score_fn(model, e.v, e.v_mask, e.s, e.s_mask)
+    n = len(e.v)
+    full = retrieval_metrics(fn, e.sent_img, n_img=n)
+    folds = fold_metrics(fn, e.sent_img, fold_size=fold_size, n_img=n)
+    out = {f"retrieval/{k}": float(v) for k, v in full.items()}
+    out.update({f"retrieval_1k/{k}": float(v) for k, v in folds.items()})
+    for prefix, r in (("retrieval", full), ("retrieval_1k", folds)):
+        out[f"{prefix}/rsum"] = float(sum(r[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+    out["retrieval/images"] = float(n)
+    out["retrieval/sentences"] = float(len(e.sent_img))
+    return out
+
+
+def evaluate_retrieval(model, vocab, cfg, shards: str, split: str = "test", *, sentences_per_image: int = 5,
+                       max_images: Optional[int] = None, fold_size: int = 1000, batch_size: int = 16,
+                       device: Optional[str] = None) -> tuple[dict[str, float], EmbeddedSplit]:
+    """Retrieval metrics of a loaded alignment model on ``split`` (see module doc)."""
+    e = embed_split(model, vocab, cfg, shards, split, sentences_per_image=sentences_per_image,
+                    max_images=max_images, batch_size=batch_size, device=device)
+    if e.skipped:
+        log.warning("retrieval: skipped images by reason: %s", e.skipped)
+    return retrieval_from_embeddings(model, e, fold_size), e

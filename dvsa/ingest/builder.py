@@ -1,0 +1,203 @@
+"""The ``map_batches`` callable: raw shard members -> fixed-shape numpy columns.
+
+Input columns (``read_webdataset(decoder=None)``): ``jpg`` (or ``npy`` for feature shards) and
+``json`` as raw bytes, plus ``__key__``. Output columns (docs/architecture.md):
+
+- caption: ``images uint8[B,3,S,S]``, ``boxes float32[B,R,4]``, ``box_mask bool[B,R]``,
+  ``inputs int64[B,R,T]``, ``targets int64[B,R,T]``, ``image_id int64[B]``;
+- align: ``images``, ``boxes float32[B,M,4]``, ``box_mask bool[B,M]``, ``tokens int64[B,T]``,
+  ``lengths int64[B]``, ``image_id int64[B]``;
+- feature shards: ``feats float32[B,R|M,D]`` in place of ``images``.
+
+Seeded draws (which regions, which sentence) use ``numpy.random.default_rng([seed, epoch +
+pass, crc32(key)])``, where ``pass`` is Ray Data's execution index of the dataset, so one
+Dataset object iterated once per epoch draws differently every epoch yet reproducibly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from dvsa.ingest.counter import SkipCounter
+from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
+from dvsa.ingest.samples import (Selection, Skip, Task, box_of, encode_captions, encode_words,
+                                 feature_row, select)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestSpec:
+    task: Task
+    image_size: int
+    rows: int                 # R (caption) or M (align) boxes per row
+    max_len: int              # data.max_len (START/END included)
+    seed: int = 0
+    epoch: int = 0
+    randomize: bool = True    # seeded random draws (training); first ones otherwise
+    decoder: str = "pil"
+    features: bool = False    # rows come from feature shards (KEY.npy) instead of JPEGs
+    feat_dim: int = 0         # feature mode: D
+
+    @property
+    def token_len(self) -> int:
+        """T of the token columns: max_len - 1 for caption inputs/targets, max_len words for align."""
+        return self.max_len if self.task == "align" else self.max_len - 1
+
+
+def _pass_index() -> int:
+    """How many times Ray Data has executed this dataset before (0 on the first epoch)."""
+    try:
+        from ray.data.context import DataContext
+
+        return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+    except Exception:  # outside Ray Data (unit use): a fixed pass
+        return 0
+
+
+def _image_id(meta: dict, key: str) -> int:
+    """The sample's integer image id (a non-integer id is mapped to crc32 of its text)."""
+    value = meta.get("image_id", key)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return zlib.crc32(str(value).encode())
+
+
+def _as_bytes(value) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    return bytes(value)
+
+
+class BatchBuilder:
+    """``map_batches`` callable (a task function via ``__call__`` or an actor-pool class)."""
+
+    def __init__(self, spec: IngestSpec, vocab, counter: Optional[SkipCounter] = None):
+        self.spec = spec
+        self.vocab = vocab
+        self.counter = counter
+
+    # ----------------------------------------------------------------- per batch
+    def __call__(self, batch: dict) -> dict:
+        spec = self.spec
+        keys = [str(k) for k in batch["__key__"]]
+        urls = batch.get("__url__")
+        n = len(keys)
+        payload = batch.get("npy" if spec.features else "jpg")
+        payload = [None] * n if payload is None else payload
+        metas = batch.get("json")
+        metas = [None] * n if metas is None else metas
+        rows, skipped, examples = [], Counter(), {}
+        pass_idx = _pass_index() if spec.randomize else 0
+        for i, key in enumerate(keys):
+            try:
+                rows.append(self._row(key, _as_bytes(payload[i]), _as_bytes(metas[i]), pass_idx))
+            except Skip as s:
+                skipped[s.reason] += 1
+                where = f"{key} ({urls[i]})" if urls is not None else key
+                examples.setdefault(s.reason, f"{where}: {s}")
+                log.warning("ingest: skipped sample %s: %s", where, s)
+        if skipped and self.counter is not None:
+            self.counter.add(skipped, examples)
+        return self._stack(rows)
+
+    # ----------------------------------------------------------------- per sample
+    def _row(self, key: str, payload: bytes, meta_bytes: bytes, pass_idx: int) -> dict:
+        spec = self.spec
+        if not payload:
+            raise Skip("missing_features" if spec.features else "missing_image", "no member in the shard")
+        try:
+            meta = json.loads(meta_bytes)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Skip("bad_json", str(e)) from None
+        if not isinstance(meta, dict):
+            raise Skip("bad_json", "not an object")
+        rng = (np.random.default_rng([spec.seed, spec.epoch + pass_idx, zlib.crc32(key.encode())])
+               if spec.randomize else None)
+        sel = select(spec.task, meta, spec.rows, rng)
+        row: dict = {"image_id": _image_id(meta, key)}
+        if spec.features:
+            feats = _load_npy(payload)
+            width, height = int(meta["width"]), int(meta["height"])
+            picked = np.zeros((spec.rows, spec.feat_dim), dtype=np.float32)
+            for r, (kind, idx) in enumerate(sel.boxes):
+                fr = feature_row(meta, kind, idx)
+                if fr >= feats.shape[0] or feats.shape[1] != spec.feat_dim:
+                    raise Skip("bad_features", f"row {fr} of a {tuple(feats.shape)} feature matrix")
+                picked[r] = feats[fr]
+            row["feats"] = picked
+        else:
+            try:
+                row["images"], (width, height) = decode_resize(payload, spec.image_size, spec.decoder)
+            except CorruptImage as e:
+                raise Skip("corrupt_image", str(e)) from None
+        row.update(self._boxes(meta, sel, width, height))
+        row.update(self._tokens(sel))
+        return row
+
+    def _boxes(self, meta: dict, sel: Selection, width: int, height: int) -> dict:
+        spec = self.spec
+        boxes = np.zeros((spec.rows, 4), dtype=np.float32)
+        mask = np.zeros(spec.rows, dtype=bool)
+        raw = [box_of(meta, kind, idx, width, height) for kind, idx in sel.boxes]
+        if raw:
+            boxes[: len(raw)] = scale_boxes(raw, width, height, spec.image_size)
+            mask[: len(raw)] = True
+        return {"boxes": boxes, "box_mask": mask}
+
+    def _tokens(self, sel: Selection) -> dict:
+        spec = self.spec
+        if spec.task == "align":
+            tokens, length = encode_words(self.vocab, sel.captions[0], spec.token_len)
+            return {"tokens": tokens, "lengths": np.int64(length)}
+        inputs, targets = encode_captions(self.vocab, sel.captions, spec.rows, spec.max_len)
+        return {"inputs": inputs, "targets": targets}
+
+    # ----------------------------------------------------------------- stacking
+    def _stack(self, rows: list[dict]) -> dict:
+        if rows:
+            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return self.empty()
+
+    def empty(self) -> dict:
+        """The output columns with zero rows (every sample of the batch was skipped)."""
+        spec = self.spec
+        s, n, t = spec.image_size, spec.rows, spec.token_len
+        out = {"image_id": np.zeros(0, np.int64)}
+        if spec.features:
+            out["feats"] = np.zeros((0, n, spec.feat_dim), np.float32)
+        else:
+            out["images"] = np.zeros((0, 3, s, s), np.uint8)
+        out["boxes"] = np.zeros((0, n, 4), np.float32)
+        out["box_mask"] = np.zeros((0, n), bool)
+        if spec.task == "align":
+            out["tokens"] = np.zeros((0, t), np.int64)
+            out["lengths"] = np.zeros(0, np.int64)
+        else:
+            out["inputs"] = np.zeros((0, n, t), np.int64)
+            out["targets"] = np.zeros((0, n, t), np.int64)
+        return out
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise Skip("bad_features", f"unreadable .npy ({e})") from None
+    if arr.ndim != 2:
+        raise Skip("bad_features", f"feature matrix must be 2-D, got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+

@@ -1,0 +1,72 @@
+"""Skipped samples, counted by reason across every ``map_batches`` worker.
+
+A sample that cannot make a row (undecodable JPEG, no usable caption for the task, a json
+that does not parse) is dropped from the batch and counted here, never silently lost. The
+counts live in one small Ray actor owned by the process that built the dataset (the job
+driver); workers add to it (waiting for the ack, so a delivered batch's skips are counted), the driver reads it (``counts()``) after an epoch
+and logs it. Counts are cumulative over every pass over the data: a corrupt image is counted
+once per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Mapping
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class _SkipCounterActor:
+    def __init__(self):
+        self._counts: Counter = Counter()
+        self._examples: dict[str, str] = {}
+
+    def add(self, counts: Mapping[str, int], examples: Mapping[str, str]) -> None:
+        self._counts.update(counts)
+        for reason, example in examples.items():
+            self._examples.setdefault(reason, example)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def examples(self) -> dict[str, str]:
+        return dict(self._examples)
+
+
+class SkipCounter:
+    """A handle to the counting actor; picklable, so ``map_batches`` workers can hold it."""
+
+    def __init__(self, actor=None):
+        self._actor = actor if actor is not None else _SkipCounterActor.remote()
+
+    def add(self, counts: Mapping[str, int], examples: Mapping[str, str] | None = None) -> None:
+        """Add ``{reason: n}``; ``examples``: ``{reason: "key: detail"}``. Waits for the actor
+        (skips are rare), so counts are complete once the batch they came from is delivered."""
+        counts = {k: int(v) for k, v in counts.items() if v}
+        if counts:
+            ray.get(self._actor.add.remote(counts, dict(examples or {})))
+
+    def counts(self) -> dict[str, int]:
+        """``{reason: n}`` so far (e.g. ``{"corrupt_image": 1, "no_region_caption": 3}``)."""
+        return ray.get(self._actor.counts.remote())
+
+    def examples(self) -> dict[str, str]:
+        """The first ``"key (shard): detail"`` seen per reason, to find the bad input."""
+        return ray.get(self._actor.examples.remote())
+
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def log(self, prefix: str = "ingest") -> dict[str, int]:
+        """Log the counts (warning when any sample was skipped) and return them."""
+        counts = self.counts()
+        if counts:
+            ex = self.examples()
+            log.warning("%s: skipped %d samples: %s (first: %s)", prefix, sum(counts.values()),
+                        ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                        "; ".join(f"{k}: {v}" for k, v in sorted(ex.items())))
+        return counts

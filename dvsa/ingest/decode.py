@@ -1,0 +1,79 @@
+"""JPEG bytes -> uint8 ``[3, S, S]`` at reduced cost, and boxes mapped into that frame.
+
+Two decoders, both producing the same geometry (the whole image stretched to S x S):
+
+- ``"pil"``: PIL with ``Image.draft("RGB", (S, S))``: libjpeg decodes at 1/2, 1/4 or 1/8 scale
+  (the smallest that keeps both sides >= S) in its IDCT, so a 640x480 JPEG headed for 224x224
+  is decoded at 320x240, then resized with a bilinear filter.
+- ``"torchvision"``: ``torchvision.io.decode_jpeg`` at full size, then
+  ``torchvision.transforms.v2.functional.resize`` (antialiased bilinear).
+
+``benchmarks/ingest.py`` measures both; the default (``data.jpeg_decoder``) is the faster.
+Boxes are given in pixels of the stored JPEG (its header size, not a decoded draft size).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+
+JpegDecoder = Literal["pil", "torchvision"]
+
+
+class CorruptImage(ValueError):
+    """The JPEG bytes could not be decoded (truncated, corrupt, empty, not an image)."""
+
+
+def decode_resize(jpg: bytes, size: int, decoder: JpegDecoder = "pil") -> tuple[np.ndarray, tuple[int, int]]:
+    """``(uint8[3, size, size], (width, height) of the stored image)``; raises CorruptImage."""
+    if not jpg:
+        raise CorruptImage("empty image bytes")
+    if decoder == "pil":
+        return _decode_pil(jpg, size)
+    if decoder == "torchvision":
+        return _decode_torchvision(jpg, size)
+    raise ValueError(f"unknown JPEG decoder {decoder!r} (allowed: 'pil', 'torchvision')")
+
+
+def _decode_pil(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(jpg)) as im:
+            width, height = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))       # reduced-size IDCT; keeps both sides >= size
+            # decode now: a truncated JPEG opens fine and fails only here
+            rgb = im.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise CorruptImage(f"{type(e).__name__}: {e}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.BILINEAR)
+    hwc = np.asarray(rgb, dtype=np.uint8)            # [S, S, 3]
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1)), (width, height)
+
+
+def _decode_torchvision(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    data = torch.frombuffer(bytearray(jpg), dtype=torch.uint8)
+    try:
+        chw = decode_jpeg(data, mode=ImageReadMode.RGB)   # [3, H, W]
+    except Exception as e:  # RuntimeError from libjpeg
+        raise CorruptImage(f"{type(e).__name__}: {e}") from None
+    height, width = int(chw.shape[1]), int(chw.shape[2])
+    if (height, width) != (size, size):
+        chw = TF.resize(chw, [size, size], antialias=True)
+    return chw.numpy(), (width, height)
+
+
+def scale_boxes(boxes, width: int, height: int, size: int) -> np.ndarray:
+    """Boxes ``[x1, y1, x2, y2]`` in pixels of a ``width x height`` image -> pixels of the
+    ``size x size`` resized image (x scaled by size/width, y by size/height), clipped to it."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scale = np.array([size / width, size / height, size / width, size / height])
+    return np.clip(b * scale, 0.0, float(size)).astype(np.float32)

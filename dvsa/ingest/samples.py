@@ -1,0 +1,145 @@
+"""One shard sample (its json) -> what one batch row holds, per task.
+
+A row is a list of *boxes*, each named by ``(kind, index)`` with kind ``"image"`` (the whole
+image), ``"region"`` (``meta["regions"][index]``) or ``"proposal"`` (``meta["proposals"][index]``),
+plus the token lists to encode. Boxes are later either scaled into the resized image frame
+(image mode) or looked up as rows of a precomputed feature matrix (feature mode: row 0 is the
+whole image, then every region, then every proposal; see :func:`feature_row`).
+
+Tasks and their shapes (R rows of boxes, T token positions):
+
+- ``caption_region``: up to ``caption.max_regions_per_image`` regions with a non-empty
+  caption (a seeded random subset in training when there are more, else the first ones);
+  ``inputs``/``targets`` ``[R, T]`` with ``T = data.max_len - 1`` (``[START, w...]`` and
+  ``[w..., END]``, zero-padded).
+- ``caption_fullframe``: R = 1, the whole image, one full-image sentence (drawn with the
+  seeded rng in training, the first one otherwise).
+- ``align``: the whole image first, then up to ``data.max_regions - 1`` detection proposals in
+  stored order (the region boxes when a sample has no proposals); one sentence (drawn as
+  above; VG samples, which have no full-image sentences, use a region caption) as word ids
+  without START/END, ``T = data.max_len`` words at most.
+
+A sample that cannot make a row raises :class:`Skip` with a reason that the caller counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+
+Task = Literal["caption_region", "caption_fullframe", "align"]
+TASKS = ("caption_region", "caption_fullframe", "align")
+
+
+class Skip(Exception):
+    """The sample cannot make a row for this task; ``reason`` is the counter's key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Selection:
+    boxes: list[tuple[str, int]]          # (kind, index) per row
+    captions: list[Sequence[str]]          # token lists: one per box (caption) or one (align)
+
+
+def _has_tokens(entry: dict) -> bool:
+    toks = entry.get("tokens")
+    return isinstance(toks, list) and len(toks) > 0
+
+
+def _pick(n: int, k: int, rng: Optional[np.random.Generator]) -> list[int]:
+    """k of range(n): a seeded random subset (kept in order) when rng is given, else the first k."""
+    if n <= k:
+        return list(range(n))
+    if rng is None:
+        return list(range(k))
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+
+
+def _valid_box(b) -> bool:
+    return (isinstance(b, (list, tuple)) and len(b) == 4
+            and all(isinstance(v, (int, float)) for v in b) and b[2] > b[0] and b[3] > b[1])
+
+
+def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator]) -> Selection:
+    """The boxes and captions of one row; raises Skip when the sample has nothing usable."""
+    regions = meta.get("regions") or []
+    if task == "caption_region":
+        usable = [i for i, r in enumerate(regions) if _has_tokens(r)]
+        if not usable:
+            raise Skip("no_region_caption")
+        chosen = [usable[j] for j in _pick(len(usable), rows, rng)]
+        return Selection([("region", i) for i in chosen], [regions[i]["tokens"] for i in chosen])
+    if task == "caption_fullframe":
+        sentences = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
+        if not sentences:
+            raise Skip("no_sentence")
+        j = 0 if rng is None else int(rng.integers(len(sentences)))
+        return Selection([("image", 0)], [sentences[j]["tokens"]])
+    if task == "align":
+        pool = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
+        if not pool:
+            pool = [r for r in regions if _has_tokens(r)]
+        if not pool:
+            raise Skip("no_sentence")
+        j = 0 if rng is None else int(rng.integers(len(pool)))
+        proposals = meta.get("proposals") or []
+        if proposals:
+            cands = [("proposal", i) for i, b in enumerate(proposals) if _valid_box(b)]
+        else:
+            cands = [("region", i) for i, r in enumerate(regions) if _valid_box(r.get("box"))]
+        return Selection([("image", 0)] + cands[: rows - 1], [pool[j]["tokens"]])
+    raise ValueError(f"unknown ingest task {task!r} (allowed: {', '.join(TASKS)})")
+
+
+def box_of(meta: dict, kind: str, index: int, width: int, height: int) -> list[float]:
+    """The box ``[x1, y1, x2, y2]`` (pixels of the stored image) that ``(kind, index)`` names."""
+    if kind == "image":
+        return [0.0, 0.0, float(width), float(height)]
+    if kind == "region":
+        return list(meta["regions"][index]["box"])
+    if kind == "proposal":
+        return list(meta["proposals"][index])
+    raise ValueError(f"unknown box kind {kind!r}")
+
+
+def feature_row(meta: dict, kind: str, index: int) -> int:
+    """Row of ``(kind, index)`` in a feature shard's matrix: image, regions..., proposals..."""
+    if kind == "image":
+        return 0
+    if kind == "region":
+        return 1 + index
+    return 1 + len(meta.get("regions") or []) + index
+
+
+def all_feature_boxes(meta: dict, width: int, height: int) -> list[list[float]]:
+    """Every box a feature shard stores, in :func:`feature_row` order."""
+    boxes = [[0.0, 0.0, float(width), float(height)]]
+    boxes += [list(r["box"]) for r in meta.get("regions") or []]
+    boxes += [list(b) for b in meta.get("proposals") or []]
+    return boxes
+
+
+def encode_captions(vocab, captions: Sequence[Sequence[str]], rows: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``inputs, targets int64[rows, max_len - 1]``: ``[START, w...]`` and ``[w..., END]``, 0-padded."""
+    t = max_len - 1
+    inputs = np.zeros((rows, t), dtype=np.int64)
+    targets = np.zeros((rows, t), dtype=np.int64)
+    for r, toks in enumerate(captions[:rows]):
+        seq = vocab.encode(list(toks), max_len)          # [START, w..., END], len <= max_len
+        inputs[r, : len(seq) - 1] = seq[:-1]
+        targets[r, : len(seq) - 1] = seq[1:]
+    return inputs, targets
+
+
+def encode_words(vocab, tokens: Sequence[str], max_words: int) -> tuple[np.ndarray, int]:
+    """``int64[max_words]`` word ids (no START/END; unknown -> UNK), 0-padded, and the length."""
+    ids = vocab.encode(list(tokens), max_words + 2)[1:-1]
+    out = np.zeros(max_words, dtype=np.int64)
+    out[: len(ids)] = ids
+    return out, len(ids)

@@ -1,0 +1,104 @@
+"""Process environment and the Ray a job runs on.
+
+With no cluster address (``ray.address`` in the config, or ``RAY_ADDRESS``) a job starts an
+embedded local Ray whose temp dir (sessions, logs, spilled objects) lives inside the job's
+output dir; otherwise it joins the cluster. A Ray that this process already started (a test
+fixture, a Tune driver) is reused and left running.
+
+Ray puts Unix sockets under its temp dir and the kernel caps their paths at 107 bytes, so a
+long output path gets a short ``/tmp/dvsa-ray-*`` dir instead, with a symlink
+``<out>/ray-tmp`` pointing at it (and the reverse recorded in ``<out>/ray-tmp.txt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+# Environment every dvsa process (driver and Ray workers) runs with.
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    # Ray Train's V2 controller prints progress itself; keep Ray Data's bars out of job logs
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+
+# Ray's session dir name + "/sockets/plasma_store" add ~63 characters to the temp dir.
+_SOCKET_PATH_MAX = 107
+_SESSION_SUFFIX = len("/session_2026-01-01_12-00-00_123456_1234567/sockets/plasma_store")
+MAX_TEMP_DIR_LEN = _SOCKET_PATH_MAX - _SESSION_SUFFIX
+
+
+def quiet_environment() -> dict[str, str]:
+    """Set the quiet variables (without overriding the user's) and return them as set."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in QUIET_ENV}
+
+
+def cluster_address(config_address: Optional[str] = None) -> Optional[str]:
+    """The address to join: config first, then ``RAY_ADDRESS``; None means embedded local Ray."""
+    addr = config_address or os.environ.get("RAY_ADDRESS") or None
+    return addr.strip() if addr else None
+
+
+def ray_temp_dir(out: str | os.PathLike) -> str:
+    """A temp dir for an embedded Ray: ``<out>/ray-tmp``, or a short symlinked one in /tmp."""
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inside = out_dir / "ray-tmp"
+    if inside.is_symlink():
+        target = Path(os.readlink(inside))
+        if target.is_dir() and len(str(target)) <= MAX_TEMP_DIR_LEN:
+            return str(target)
+        inside.unlink()
+    if len(str(inside)) <= MAX_TEMP_DIR_LEN:
+        inside.mkdir(exist_ok=True)
+        return str(inside)
+    short = tempfile.mkdtemp(prefix="dvsa-ray-", dir="/tmp")
+    try:
+        inside.symlink_to(short, target_is_directory=True)
+    except OSError as e:  # e.g. a filesystem without symlinks: record the place instead
+        log.warning("could not link %s -> %s: %s", inside, short, e)
+    (out_dir / "ray-tmp.txt").write_text(short + "\n")
+    return short
+
+
+@contextlib.contextmanager
+def ray_session(out: str | os.PathLike, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                num_gpus: Optional[int] = None, include_dashboard: Optional[bool] = None) -> Iterator[dict]:
+    """Start (or join, or reuse) Ray for the duration of the block.
+
+    Yields ``{"mode": "reused" | "joined" | "local", "address": ..., "temp_dir": ...}``; Ray is
+    shut down on exit only when this block started or joined it.
+    """
+    import ray
+
+    env = quiet_environment()
+    if ray.is_initialized():
+        yield {"mode": "reused", "address": None, "temp_dir": None}
+        return
+    addr = cluster_address(address)
+    runtime_env = {"env_vars": env}
+    if addr:
+        log.info("joining Ray cluster at %s", addr)
+        ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+        info = {"mode": "joined", "address": addr, "temp_dir": None}
+    else:
+        tmp = ray_temp_dir(out)
+        log.info("starting a local Ray (temp dir %s)", tmp)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=tmp, include_dashboard=include_dashboard,
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True,
+                 configure_logging=False)
+        info = {"mode": "local", "address": None, "temp_dir": tmp}
+    try:
+        yield info
+    finally:
+        ray.shutdown()

@@ -1,0 +1,245 @@
+"""MLflow: the tracking store, one run per job, and batched logging from the driver and rank 0.
+
+The default store is a SQLite file ``<out>/mlflow.db`` (MLflow 3 refuses the old ``./mlruns``
+file store); ``MLFLOW_TRACKING_URI`` overrides it, then ``mlflow.tracking_uri`` in the config.
+Several processes migrating a fresh SQLite schema at once race, so the *driver* creates and
+migrates the store and the experiment before any Ray worker opens it (:func:`prepare_store`);
+workers only append to an existing run. Every call goes through :func:`retry_locked`, which
+retries SQLite's transient "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_PARAM_CHARS = 6000      # MLflow's limit on a param value
+BATCH_PARAMS = 100          # log_batch limits
+BATCH_METRICS = 1000
+TRAIN_NAME_TAG = "dvsa.train_name"
+CHECKPOINT_TAG = "dvsa.checkpoint"
+
+
+def tracking_uri(out: str | os.PathLike, configured: Optional[str] = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the config's ``mlflow.tracking_uri``, else ``sqlite:///<out>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if configured:
+        return configured
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 10, delay: float = 0.1, **kwargs: Any) -> T:
+    """Call ``fn``; on SQLite's "database is locked" wait (exponential back-off) and retry."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MlflowException / sqlalchemy OperationalError both carry the text
+            if "database is locked" not in str(e) or i == attempts - 1:
+                raise
+            time.sleep(delay * (2 ** i))
+    raise AssertionError("unreachable")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_store(uri: str, experiment: str) -> str:
+    """Create (and migrate) the store and the experiment; return the experiment id."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    c = client(uri)
+    exp = retry_locked(c.get_experiment_by_name, experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return retry_locked(c.create_experiment, experiment)
+    except Exception:  # created meanwhile by another driver
+        exp = retry_locked(c.get_experiment_by_name, experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict)) else ("None" if v is None else str(v))
+    return s if len(s) <= MAX_PARAM_CHARS else s[: MAX_PARAM_CHARS - 3] + "..."
+
+
+class RunLogger:
+    """Appends to one existing MLflow run: params, metrics (buffered, batched), artifacts.
+
+    Used by the driver and by rank 0 inside the train loop (it only needs ``uri`` + ``run_id``,
+    both plain strings, so it is cheap to build on a worker).
+    """
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 200):
+        self.uri = uri
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._client = client(uri)
+        self._pending: list = []
+
+    # ------------------------------------------------------------------ params / tags
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Log params; keys already on the run with another value (a resumed job whose config
+        changed) are kept and the new value recorded as tag ``changed.<key>``. Returns those."""
+        from mlflow.entities import Param, RunTag
+
+        existing = retry_locked(self._client.get_run, self.run_id).data.params
+        new, changed = [], {}
+        for k, v in params.items():
+            sv = param_value(v)
+            if k not in existing:
+                new.append(Param(k, sv))
+            elif existing[k] != sv:
+                changed[k] = sv
+        for i in range(0, len(new), BATCH_PARAMS):
+            retry_locked(self._client.log_batch, self.run_id, params=new[i:i + BATCH_PARAMS])
+        if changed:
+            tags = [RunTag(f"changed.{k}", v) for k, v in changed.items()]
+            retry_locked(self._client.log_batch, self.run_id, tags=tags)
+        return changed
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        retry_locked(self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    # ------------------------------------------------------------------ metrics
+    def log_metrics(self, metrics: Mapping[str, float], step: int, flush: bool = True) -> None:
+        """Queue finite numeric metrics at ``step``; NaN/inf and non-numbers are skipped."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                continue
+            self._pending.append(Metric(k, float(v), ts, int(step)))
+        if flush or len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk, self._pending = self._pending[:BATCH_METRICS], self._pending[BATCH_METRICS:]
+            retry_locked(self._client.log_batch, self.run_id, metrics=chunk)
+
+    # ------------------------------------------------------------------ artifacts
+    def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        retry_locked(self._client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        retry_locked(self._client.log_dict, self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        retry_locked(self._client.log_text, self.run_id, text, artifact_file)
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """A list of same-keyed dicts as an MLflow table (viewable in the UI's artifact tab)."""
+        if not rows:
+            return
+        columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+        retry_locked(self._client.log_table, self.run_id, data=columns, artifact_file=artifact_file)
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        retry_locked(self._client.log_figure, self.run_id, fig, artifact_file)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        hist = retry_locked(self._client.get_metric_history, self.run_id, key)
+        return sorted((m.step, m.value) for m in hist)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        retry_locked(self._client.set_terminated, self.run_id, status)
+
+
+def start_run(uri: str, experiment: str, run_name: Optional[str], tags: Mapping[str, Any],
+              resume_name: Optional[str] = None) -> tuple[RunLogger, bool]:
+    """Create the job's run, or reopen the run of an earlier job with the same train name.
+
+    Returns ``(logger, resumed)``. Resumed runs are set back to RUNNING.
+    """
+    exp_id = prepare_store(uri, experiment)
+    c = client(uri)
+    if resume_name:
+        q = f"tags.`{TRAIN_NAME_TAG}` = '{resume_name}'"
+        found = retry_locked(c.search_runs, [exp_id], filter_string=q, max_results=1,
+                             order_by=["attributes.start_time DESC"])
+        if found:
+            run_id = found[0].info.run_id
+            retry_locked(c.update_run, run_id, status="RUNNING")
+            return RunLogger(uri, run_id), True
+    all_tags = {k: str(v) for k, v in tags.items()}
+    if resume_name:
+        all_tags[TRAIN_NAME_TAG] = resume_name
+    run = retry_locked(c.create_run, exp_id, tags=all_tags, run_name=run_name)
+    return RunLogger(uri, run.info.run_id), False
+
+
+def find_run(uri: str, run_id: str):
+    """The MLflow run with this id, or None."""
+    try:
+        return retry_locked(client(uri).get_run, run_id)
+    except Exception as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def plot_curves(curves: Mapping[str, list[tuple[int, float]]], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss curves (one line per metric, x = step) as a PNG; ``dvsa.viz.plot_curves`` if present."""
+    try:
+        from dvsa.viz import plot_curves as viz_plot  # type: ignore[attr-defined]
+    except Exception:  # dvsa.viz absent or without plot_curves
+        viz_plot = None
+    if viz_plot is not None:
+        try:
+            return Path(viz_plot(curves, path, title=title) or path)
+        except TypeError:
+            pass
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=name, marker="o" if len(pts) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("value")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_temp_json(obj: Any, name: str, tmpdir: Optional[str] = None) -> Path:
+    d = Path(tmpdir or tempfile.mkdtemp(prefix="dvsa-art-"))
+    p = d / name
+    p.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    return p
+
+
+def iter_chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]

@@ -1,0 +1,123 @@
+"""Pieces both train loops share: device and precision, seeding, optimizer and schedule, and the
+``TorchTrainer`` built from a :class:`dvsa.config.Config`.
+
+Precision: on CUDA the forward pass runs under ``torch.autocast(dtype=bfloat16)`` (bf16 keeps
+fp32's exponent range, so no loss scaling is needed) and host batches are pinned and copied
+with ``non_blocking=True`` (:mod:`dvsa.ingest.torch_batches`); on the CPU the very same code
+runs in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from dvsa.config import Config, TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def train_device() -> torch.device:
+    """The device Ray Train assigned to this worker (cuda:i or cpu); cpu outside Ray Train."""
+    try:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    except Exception:  # not inside a Train worker (plain PyTorch, unit tests)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when ``enabled``; a no-op context on the CPU (fp32)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "rmsprop":  # the paper's choice (section 4)
+        return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
+    return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
+
+
+def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate after ``step`` optimizer steps.
+
+    constant: 1; cosine: 0.5 (1 + cos(pi s / total)); step: x0.1 at 50% and again at 75%.
+    """
+    total = max(1, int(total_steps))
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+    if schedule == "step":
+        return lambda s: 0.1 ** ((s >= total // 2) + (s >= (3 * total) // 4))
+    return lambda s: 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.lr_schedule, total_steps))
+
+
+def clip_gradients(params, clip: float) -> None:
+    """Element-wise gradient clipping (the paper clips each gradient element at 5)."""
+    if clip > 0:
+        torch.nn.utils.clip_grad_value_(params, clip)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (``prepare_model`` with one worker returns the bare module)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def score_metric(cfg: Config) -> tuple[str, str]:
+    """(metric, "max"|"min") that ranks checkpoints for best-k keeping."""
+    if cfg.task == "align":
+        return "val/rsum", "max"
+    return "val/METEOR", "max"
+
+
+def run_name(cfg: Config) -> str:
+    """The Ray Train run name: ``train.name`` or ``<name>-<task>[-<mode>-<cell>]``."""
+    if cfg.train.name:
+        return cfg.train.name
+    if cfg.task == "align":
+        return f"{cfg.name}-align"
+    return f"{cfg.name}-caption-{cfg.caption.mode}-{cfg.caption.cell}"
+
+
+def build_trainer(loop: Callable[[dict], Any], cfg: Config, loop_config: dict, datasets: dict,
+                  storage_path: str, name: str, env_vars: Optional[dict] = None):
+    """A ``TorchTrainer`` whose scaling, failure and checkpoint settings come from ``cfg.train``.
+
+    Only the train dataset is split across workers; validation is kept whole (rank 0 scores it).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+    metric, order = score_metric(cfg)
+    run = RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric,
+                                           checkpoint_score_order=order),
+        worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
+    )
+    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
+                        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))

@@ -1,0 +1,265 @@
+"""Driver side of a training job: the code path shared by ``dvsa train-*`` and ``jobs/train_*``.
+
+1. validate (before any Ray work): task, shards + manifest + vocabulary + both splits, Java for
+   the captioners' METEOR; every problem is one line (ConfigError / DataError / DvsaError);
+2. create (or, for a re-run with the same ``train.name``, reopen) the MLflow run: tags
+   task/mode/dataset, params = the resolved config;
+3. start an embedded local Ray, join ``ray.address`` / ``RAY_ADDRESS``, or reuse a running one;
+4. build the streaming train/val datasets (:func:`dvsa.ingest.build_dataset`) and fit a
+   ``TorchTrainer`` (:func:`dvsa.train.common.build_trainer`); rank 0 logs into the run;
+5. log the outcome: best-checkpoint summary metrics, the checkpoint reference (tag + json),
+   vocabulary, resolved config, sample captions table, loss-curve PNG; end the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dvsa.config import Config, ConfigError
+from dvsa.errors import DataError, DvsaError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    name: str                       # Ray Train run name (re-run with it to resume)
+    run_dir: str                    # <storage_path>/<name>
+    run_id: str                     # MLflow run id
+    tracking_uri: str
+    checkpoint: Optional[str]       # best checkpoint (by the validation metric)
+    latest_checkpoint: Optional[str]
+    step: int
+    epoch: int
+    metrics: dict = field(default_factory=dict)   # last epoch's metrics (rank 0)
+    resumed: bool = False
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def shards_root(cfg: Config) -> str:
+    """Region captioner: ``data.shards`` (Visual Genome); full-frame captioner and alignment
+    model: ``data.fullframe_shards`` (Karpathy split) when set, else ``data.shards``."""
+    if cfg.task == "caption" and cfg.caption.mode == "region":
+        return cfg.data.shards
+    return cfg.data.fullframe_shards or cfg.data.shards
+
+
+def _split_images(manifest: dict, split: str) -> int:
+    return int(((manifest.get("splits") or {}).get(split) or {}).get("images", 0))
+
+
+def check_inputs(cfg: Config, task: str) -> dict:
+    """Everything a job needs before Ray starts; returns the shards' manifest."""
+    from dvsa.data.shards import load_manifest
+
+    if cfg.task != task:
+        raise ConfigError(f"task: this job trains {task!r} but the config says {cfg.task!r}")
+    root = shards_root(cfg)
+    key = "data.shards" if root == cfg.data.shards else "data.fullframe_shards"
+    if "://" not in root and not Path(root).is_dir():
+        raise DataError(f"{key}: no such shard directory: {root} (run `dvsa prepare` first)")
+    manifest = load_manifest(root)
+    for split in ("train", "val"):
+        if _split_images(manifest, split) <= 0:
+            raise DataError(f"{key}: {root} has no {split} images (see its manifest.json)")
+    from dvsa.text import Vocab
+
+    Vocab.load(posixpath.join(root, "vocab.json"))
+    if cfg.data.features and "://" not in cfg.data.features and not Path(cfg.data.features).is_dir():
+        raise DataError(f"data.features: no such feature directory: {cfg.data.features}")
+    if task == "caption":
+        from dvsa.evaluation.meteor import check_java
+
+        check_java()
+    if cfg.train.use_gpu and cfg.train.gpus_per_worker <= 0:
+        raise ConfigError("train.gpus_per_worker: must be > 0 when train.use_gpu is true")
+    return manifest
+
+
+def total_steps(cfg: Config, manifest: dict) -> int:
+    """Optimizer steps the schedule spans: epochs x full batches per worker, capped by max_steps."""
+    per_epoch = _split_images(manifest, "train") // (cfg.data.batch_size * cfg.train.num_workers)
+    total = max(1, per_epoch * cfg.train.epochs)
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def default_name(cfg: Config) -> str:
+    from dvsa.train.common import run_name
+
+    if cfg.train.name:
+        return cfg.train.name
+    return f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_path(cfg: Config) -> str:
+    p = cfg.train.storage_path
+    return p if "://" in p else os.path.abspath(p)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train(cfg: Config, task: str) -> TrainOutcome:
+    """Run one training job end to end (see module doc); raises DvsaError subclasses."""
+    from dvsa import runtime, tracking
+    from dvsa.train.common import build_trainer
+
+    manifest = check_inputs(cfg, task)
+    env = runtime.quiet_environment()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    name = default_name(cfg)
+    root = shards_root(cfg)
+    uri = tracking.tracking_uri(out, cfg.mlflow.tracking_uri)
+    tags = {"task": task, "dataset": manifest.get("source", Path(root).name), tracking.TRAIN_NAME_TAG: name}
+    if task == "caption":
+        tags.update(mode=cfg.caption.mode, cell=cfg.caption.cell)
+    logger, resumed = tracking.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name or name, tags,
+                                         resume_name=cfg.train.name)
+    changed = logger.log_params(cfg.flat())
+    if changed:
+        log.info("resumed run %s with changed settings: %s", logger.run_id, ", ".join(sorted(changed)))
+    job_dir = out / "jobs" / name
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "vocab": posixpath.join(root, "vocab.json"),
+        "tracking_uri": uri,
+        "run_id": logger.run_id,
+        "train_name": name,
+        "total_steps": total_steps(cfg, manifest),
+        "progress_dir": str(job_dir / "progress"),
+    }
+    status = "FAILED"
+    try:
+        with runtime.ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus) as ray_info:
+            log.info("Ray: %s", ray_info["mode"])
+            datasets = _datasets(cfg, task, root)
+            trainer = build_trainer(_loop(task), cfg, loop_config, datasets, storage_path(cfg), name, env)
+            result = _fit(trainer)
+        outcome = _outcome(cfg, name, logger, uri, result, resumed)
+        _log_outcome(cfg, logger, outcome, result, root)
+        status = "FINISHED"
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            logger.end(status)
+        except Exception as e:  # never mask the job's own error
+            log.warning("could not end MLflow run %s: %s", logger.run_id, e)
+
+
+def _loop(task: str):
+    if task == "align":
+        from dvsa.train.align import train_loop_per_worker
+    else:
+        from dvsa.train.caption import train_loop_per_worker
+    return train_loop_per_worker
+
+
+def _datasets(cfg: Config, task: str, root: str) -> dict:
+    from dvsa.ingest import build_dataset
+    from dvsa.text import Vocab
+
+    vocab = Vocab.load(posixpath.join(root, "vocab.json"))
+    train_ds = build_dataset(root, "train", task, cfg, vocab, seed=cfg.train.seed)
+    val_ds = build_dataset(root, "val", task, cfg, vocab, seed=cfg.train.seed, shuffle=False,
+                           preserve_order=True)
+    if cfg.data.max_val_images:
+        val_ds = val_ds.limit(cfg.data.max_val_images)
+    return {"train": train_ds, "val": val_ds}
+
+
+def _fit(trainer):
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except (ray.train.TrainingFailedError, ray.train.WorkerGroupError, ray.train.ControllerError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DvsaError(f"training failed after the allowed restarts (train.max_failures): {first}") from e
+
+
+def _checkpoint_path(ckpt) -> Optional[str]:
+    return None if ckpt is None else str(ckpt.path)
+
+
+def _outcome(cfg: Config, name: str, logger, uri: str, result, resumed: bool) -> TrainOutcome:
+    from dvsa.train.common import score_metric
+
+    ret = result.return_value or {}
+    metric, mode = score_metric(cfg)
+    best = None
+    try:
+        best = result.get_best_checkpoint(metric, mode)
+    except Exception:  # no checkpoint carries the metric (e.g. zero epochs run)
+        best = None
+    latest = result.checkpoint
+    return TrainOutcome(
+        name=name, run_dir=posixpath.join(storage_path(cfg), name), run_id=logger.run_id, tracking_uri=uri,
+        checkpoint=_checkpoint_path(best or latest), latest_checkpoint=_checkpoint_path(latest),
+        step=int(ret.get("step", 0)), epoch=int(ret.get("epoch", 0)), metrics=dict(ret.get("metrics") or {}),
+        resumed=resumed)
+
+
+def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) -> None:
+    from dvsa import tracking
+    from dvsa.train.checkpoints import META_FILE
+    from dvsa.train.common import score_metric
+
+    metric, mode = score_metric(cfg)
+    best_metrics = {}
+    if outcome.checkpoint:
+        meta = Path(outcome.checkpoint) / META_FILE
+        if meta.is_file():
+            best_metrics = json.loads(meta.read_text()).get("metrics", {})
+        logger.set_tags({tracking.CHECKPOINT_TAG: outcome.checkpoint, "dvsa.run_dir": outcome.run_dir})
+    summary = {f"best/{k}": v for k, v in best_metrics.items() if k.startswith("val/")}
+    summary["final/step"] = outcome.step
+    summary["final/epoch"] = outcome.epoch
+    logger.log_metrics(summary, step=outcome.step)
+    with tempfile.TemporaryDirectory(prefix="dvsa-art-") as tmp:
+        ref = {"best": outcome.checkpoint, "latest": outcome.latest_checkpoint, "run_dir": outcome.run_dir,
+               "name": outcome.name, "metric": metric, "mode": mode, "best_metrics": best_metrics,
+               "best_checkpoints": [{"path": str(c.path), "metrics": {k: v for k, v in m.items()
+                                                                     if isinstance(v, (int, float))}}
+                                    for c, m in (result.best_checkpoints or [])]}
+        logger.log_dict(ref, "checkpoint.json")
+        logger.log_artifact(_copy(posixpath.join(root, "vocab.json"), Path(tmp) / "vocab.json"))
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg.save(cfg_path)
+        logger.log_artifact(cfg_path)
+        samples = ((result.return_value or {}).get("samples")) or []
+        if samples:
+            logger.log_table(samples, "samples/val_captions.json")
+        curves = {k: logger.metric_history(k) for k in ("train/loss", "train/epoch_loss", "val/loss")}
+        if any(curves.values()):
+            png = tracking.plot_curves(curves, Path(tmp) / "loss_curves.png", title=outcome.name)
+            logger.log_artifact(png, "plots")
+    shown = " ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if k.startswith("val/"))
+    print(f"[{outcome.name}] done: step {outcome.step}, epoch {outcome.epoch}; {shown}\n"
+          f"  best checkpoint: {outcome.checkpoint}\n"
+          f"  MLflow run {outcome.run_id} ({outcome.tracking_uri})", flush=True)
+
+
+def _copy(src: str, dst: Path) -> Path:
+    import fsspec
+
+    with fsspec.open(src, "rb") as f:
+        dst.write_bytes(f.read())
+    return dst
+
+
+def outcome_dict(outcome: TrainOutcome) -> dict:
+    return asdict(outcome)

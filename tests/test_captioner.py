@@ -1,0 +1,184 @@
+"""Captioner: eq. 13-15 (RNN), the LSTM variant, loss, output-bias init, optimiser helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dvsa.config import Config
+from dvsa.models.captioner import Captioner, CaptioningModel, caption_loss
+from dvsa.models.decoding import greedy
+from dvsa.models.encoder import ImageEncoder
+from dvsa.models.optim import build_optimizer, clip_gradients
+
+START, END = 1, 2
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _cfg(**kw):
+    base = {"model.backbone": "tiny", "model.hidden_dim": 6, "model.word_dim": 5}
+    base.update(kw)
+    return Config().replace(**base)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("input_relu", [False, True])
+def test_rnn_follows_equations_13_to_15(input_relu):
+    cfg = _cfg(**{"caption.cell": "rnn", "caption.rnn_input_relu": input_relu})
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=4)
+    feats = torch.randn(2, 4)
+    inputs = torch.tensor([[START, 4, 5, 6], [START, 7, 0, 0]])
+    with torch.no_grad():
+        logits = cap(feats, inputs)
+        for n in range(2):
+            b_v = cap.W_hi.weight @ feats[n]                                           # eq. 13
+            h = torch.zeros(6)
+            for t in range(4):
+                wx = cap.W_hx.weight @ cap.W_w.weight[inputs[n, t]]
+                wx = torch.relu(wx) if input_relu else wx
+                h = torch.relu(wx + cap.W_hh.weight @ h + cap.W_hh.bias + (b_v if t == 0 else 0))  # eq. 14
+                y = cap.W_oh.weight @ h + cap.W_oh.bias                                # eq. 15
+                torch.testing.assert_close(logits[n, t], y)
+
+
+def test_lstm_reads_the_image_first_then_start():
+    cfg = _cfg(**{"caption.cell": "lstm"})
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=4)
+    feats = torch.randn(1, 4)
+    inputs = torch.tensor([[START, 4, 5]])
+    cell = torch.nn.LSTMCell(5, 6)
+    with torch.no_grad():
+        cell.weight_ih.copy_(cap.lstm.weight_ih_l0)
+        cell.weight_hh.copy_(cap.lstm.weight_hh_l0)
+        cell.bias_ih.copy_(cap.lstm.bias_ih_l0)
+        cell.bias_hh.copy_(cap.lstm.bias_hh_l0)
+        h, c = cell(cap.W_hi(feats))                          # x_0 = image projection
+        expected = []
+        for t in range(3):
+            h, c = cell(cap.W_w.weight[inputs[:, t]], (h, c))
+            expected.append(cap.W_oh(h))
+        torch.testing.assert_close(cap(feats, inputs)[0], torch.cat(expected))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_step_api_matches_forward(cell):
+    cfg = _cfg(**{"caption.cell": cell})
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=4).eval()
+    feats = torch.randn(3, 4)
+    inputs = torch.randint(3, 9, (3, 5))
+    inputs[:, 0] = START
+    with torch.no_grad():
+        expected = F.log_softmax(cap(feats, inputs), dim=-1)
+        state = cap.init_state(feats)
+        for t in range(5):
+            logp, state = cap.step(inputs[:, t], state)
+            torch.testing.assert_close(logp, expected[:, t])
+
+
+def test_output_bias_starts_at_log_frequencies():
+    cfg = _cfg()
+    lf = [math.log(p) for p in (1e-9, 1e-9, 0.3, 0.1, 0.4, 0.2)]
+    lf[1] = float("-inf")
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=6, feat_dim=4, word_log_freq=lf)
+    assert cap.W_oh.bias[2:].tolist() == pytest.approx(lf[2:])
+    assert cap.W_oh.bias[1].item() == -30.0
+    with pytest.raises(ValueError, match="3 entries for a vocabulary of 6"):
+        Captioner(cfg.model, cfg.caption, vocab_size=6, feat_dim=4, word_log_freq=[0.0] * 3)
+
+
+def test_caption_loss_averages_occupied_positions_only():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[4, 2, 0], [3, 0, 0]])
+    lp = F.log_softmax(logits, dim=-1)
+    expected = -(lp[0, 0, 4] + lp[0, 1, 2] + lp[1, 0, 3]) / 3
+    torch.testing.assert_close(caption_loss(logits, targets), expected)
+    zero = caption_loss(logits.requires_grad_(), torch.zeros(2, 3, dtype=torch.long))
+    assert zero.item() == 0.0
+    zero.backward()
+
+
+def test_dropout_is_not_on_the_recurrence_and_off_in_eval():
+    cfg = _cfg(**{"caption.cell": "lstm", "model.dropout": 0.5})
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=4)
+    assert cap.lstm.dropout == 0.0
+    feats, inputs = torch.randn(2, 4), torch.tensor([[START, 4, 5], [START, 6, 7]])
+    cap.eval()
+    with torch.no_grad():
+        assert torch.equal(cap(feats, inputs), cap(feats, inputs))
+
+
+def test_captioning_model_on_an_ingest_batch():
+    cfg = _cfg()
+    enc = ImageEncoder("tiny", roi_size=2)
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=enc.feat_dim)
+    model = CaptioningModel(enc, cap)
+    images = torch.randn(2, 3, 32, 32)
+    boxes = torch.tensor([[[0.0, 0, 32, 32], [0, 0, 10, 10]], [[4.0, 4, 20, 20], [0, 0, 0, 0]]])
+    box_mask = torch.tensor([[True, True], [True, False]])
+    inputs = torch.randint(3, 9, (2, 2, 4))
+    targets = torch.randint(2, 9, (2, 2, 4))
+    logits = model(images, boxes, inputs, box_mask)
+    assert logits.shape == (3, 4, 9)
+    caption_loss(logits, targets[box_mask]).backward()
+    assert enc.trunk.features[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_tiny_captioner_overfits_a_handful_of_captions(cell):
+    torch.manual_seed(0)
+    captions = [[4, 5, 6], [7, 8], [9, 4, 10, 11], [12, 6, 5], [8, 13, 4, 7]]
+    V, T, N = 14, 6, len(captions)
+    feats = torch.randn(N, 8)
+    inputs = torch.zeros(N, T, dtype=torch.long)
+    targets = torch.zeros(N, T, dtype=torch.long)
+    for i, c in enumerate(captions):
+        seq = [START] + c + [END]
+        inputs[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[i, :len(seq) - 1] = torch.tensor(seq[1:])
+    cfg = _cfg(**{"caption.cell": cell, "model.hidden_dim": 32, "model.word_dim": 16,
+                  "train.optimizer": "adam", "train.lr": 0.01, "train.grad_clip": 5.0})
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=V, feat_dim=8)
+    opt = build_optimizer(cap.parameters(), cfg.train)
+    for _ in range(200):
+        loss = caption_loss(cap(feats, inputs), targets)
+        opt.zero_grad()
+        loss.backward()
+        clip_gradients(cap, cfg.train.grad_clip)
+        opt.step()
+    cap.eval()
+    tokens, _ = greedy(cap, feats, max_len=T + 1)
+    decoded = [row[:row.index(END)] if END in row else row for row in tokens.tolist()]
+    assert decoded == captions
+
+
+def test_build_optimizer_and_elementwise_clipping():
+    cfg = _cfg(**{"train.weight_decay": 1e-4, "train.momentum": 0.8})
+    lin = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    for name, cls in (("adam", torch.optim.Adam), ("rmsprop", torch.optim.RMSprop), ("sgd", torch.optim.SGD)):
+        opt = build_optimizer(list(lin.parameters()) + [frozen], cfg.replace(**{"train.optimizer": name}).train)
+        assert isinstance(opt, cls) and len(opt.param_groups[0]["params"]) == 2
+        assert opt.param_groups[0]["weight_decay"] == 1e-4
+    assert opt.param_groups[0]["momentum"] == 0.8
+    lin.weight.grad = torch.tensor([[10.0, -0.5, 3.0], [-7.0, 0.1, 0.0]])
+    lin.bias.grad = torch.tensor([-2.0, 2.0])
+    clip_gradients(lin, 1.0)
+    assert lin.weight.grad.tolist() == [[1.0, -0.5, 1.0], [-1.0, pytest.approx(0.1), 0.0]]
+    assert lin.bias.grad.tolist() == [-1.0, 1.0]
+    clip_gradients(lin, 0.0)  # disabled: unchanged
+    assert lin.bias.grad.tolist() == [-1.0, 1.0]

@@ -1,0 +1,246 @@
+"""Ray Data ingest: shapes, box mapping after resize, token encoding, seeded shuffling,
+skipped-and-counted corrupt samples; on hand-written shards and on prepared synthetic ones."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dvsa.config import Config
+from dvsa.data.shards import ShardWriter
+from dvsa.ingest import build_dataset, decode_resize, iter_eval_batches, iter_train_batches, scale_boxes
+from dvsa.ingest.builder import BatchBuilder, IngestSpec
+from dvsa.text import END, START, UNK, Vocab
+
+S = 40  # data.image_size in these tests
+
+
+def _jpeg(w: int, h: int, white_box=None) -> bytes:
+    """A black w x h image, with a white rectangle at ``white_box`` (pixels) if given."""
+    im = Image.new("RGB", (w, h), (0, 0, 0))
+    if white_box is not None:
+        x1, y1, x2, y2 = white_box
+        im.paste((255, 255, 255), (x1, y1, x2, y2))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+VOCAB = Vocab.build(Counter({"a": 9, "red": 8, "dog": 7, "the": 6, "cat": 5, "runs": 4}), 1, 20)
+A, RED, DOG, THE, CAT, RUNS = (VOCAB.word_id(w) for w in ("a", "red", "dog", "the", "cat", "runs"))
+
+
+def _meta(i: int, w: int, h: int, n_regions: int = 3, sentences=True, proposals=None) -> dict:
+    regions = [{"id": 100 * i + j, "box": [10 * j, 20, 10 * j + 80, 60], "raw": "a red dog",
+                "tokens": ["a", "red", "dog"] if j % 2 == 0 else ["the", "cat", "zebra"]}
+               for j in range(n_regions)]
+    m = {"image_id": i, "source": "vg", "split": "train", "width": w, "height": h, "regions": regions,
+         "groups": [], "sentences": [{"raw": "the cat runs", "tokens": ["the", "cat", "runs"]},
+                                     {"raw": "a dog", "tokens": ["a", "dog"]}] if sentences else []}
+    if proposals is not None:
+        m["proposals"] = proposals
+    return m
+
+
+def _cfg(**kw) -> Config:
+    base = {"data.image_size": S, "data.max_len": 6, "caption.max_regions_per_image": 2,
+            "data.max_regions": 3, "data.decode_batch_size": 4}
+    base.update(kw)
+    return Config().replace(**base)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """24 train images (200x100) in several shards; image 5 a truncated JPEG, image 7 without
+    region captions or sentences; 6 val images."""
+    root = tmp_path_factory.mktemp("shards")
+    with ShardWriter(str(root), "train", shard_bytes=6000) as w:
+        for i in range(24):
+            jpg = _jpeg(200, 100, white_box=(100, 50, 200, 100))
+            if i == 5:
+                jpg = jpg[: len(jpg) // 3]
+            meta = _meta(i, 200, 100, n_regions=0 if i == 7 else 3, sentences=i != 7,
+                         proposals=[[0, 0, 100, 50], [50, 50, 150, 100], [5, 5, 5, 9]] if i % 2 else None)
+            w.write(f"img{i:04d}", jpg, meta)
+    with ShardWriter(str(root), "val", shard_bytes=10 ** 9) as w:
+        for i in range(100, 106):
+            w.write(f"img{i:04d}", _jpeg(160, 160), _meta(i, 160, 160))
+    VOCAB.save(str(root / "vocab.json"))
+    return str(root)
+
+
+# --------------------------------------------------------------------------- no Ray
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_decode_resize_maps_pixels_and_boxes(decoder):
+    # white box in the lower-right quarter of a 200x100 image -> resized S x S
+    img, (w, h) = decode_resize(_jpeg(200, 100, white_box=(100, 50, 200, 100)), S, decoder)
+    assert img.shape == (3, S, S) and img.dtype == np.uint8 and (w, h) == (200, 100)
+    # box (100,50,200,100) -> x * 40/200, y * 40/100 -> (20, 20, 40, 40) by hand
+    np.testing.assert_allclose(scale_boxes([[100, 50, 200, 100]], w, h, S), [[20, 20, 40, 40]])
+    assert img[:, 22:38, 22:38].min() > 200      # inside the mapped box: white
+    assert img[:, 2:18, 2:18].max() < 50         # outside: black
+    assert img[:, 2:18, 22:38].max() < 50
+
+
+def test_scale_boxes_hand_computed_and_clipped():
+    out = scale_boxes([[50, 20, 150, 80], [-10, 0, 250, 120]], 200, 100, 32)
+    np.testing.assert_allclose(out, [[8.0, 6.4, 24.0, 25.6], [0.0, 0.0, 32.0, 32.0]], rtol=1e-6)
+
+
+class _ListCounter:
+    def __init__(self):
+        self.counts = Counter()
+
+    def add(self, counts, examples=None):
+        self.counts.update(counts)
+
+
+def _raw_batch(samples):
+    return {"__key__": np.array([k for k, _, _ in samples], dtype=object),
+            "jpg": np.array([j for _, j, _ in samples], dtype=object),
+            "json": np.array([__import__("json").dumps(m).encode() for _, _, m in samples], dtype=object)}
+
+
+def test_builder_caption_region_tokens_and_skips():
+    counter = _ListCounter()
+    spec = IngestSpec(task="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
+    builder = BatchBuilder(spec, VOCAB, counter)
+    good = _jpeg(200, 100)
+    out = builder(_raw_batch([("k0", good, _meta(0, 200, 100)),
+                              ("k1", good[:50], _meta(1, 200, 100)),         # corrupt JPEG
+                              ("k2", good, _meta(2, 200, 100, n_regions=0))]))  # no region caption
+    assert counter.counts == {"corrupt_image": 1, "no_region_caption": 1}
+    assert out["images"].shape == (1, 3, S, S) and out["image_id"].tolist() == [0]
+    # first 2 regions (no shuffle): "a red dog" and "the cat zebra" (zebra unknown), max_len 5
+    # -> T = 4: inputs [START a red dog], targets [a red dog END]; [START the cat UNK] ...
+    np.testing.assert_array_equal(out["inputs"][0], [[START, A, RED, DOG], [START, THE, CAT, UNK]])
+    np.testing.assert_array_equal(out["targets"][0], [[A, RED, DOG, END], [THE, CAT, UNK, END]])
+    # region boxes [0,20,80,60] and [10,20,90,60] on 200x100 -> x*0.2, y*0.4
+    np.testing.assert_allclose(out["boxes"][0], [[0, 8, 16, 24], [2, 8, 18, 24]], rtol=1e-6)
+    assert out["box_mask"].tolist() == [[True, True]]
+
+
+def test_builder_truncates_long_captions_keeping_end():
+    spec = IngestSpec(task="caption_region", image_size=S, rows=1, max_len=3, randomize=False)
+    out = BatchBuilder(spec, VOCAB)(_raw_batch([("k0", _jpeg(64, 64), _meta(0, 64, 64))]))
+    # max_len 3: [START a END] -> inputs [START a], targets [a END]
+    np.testing.assert_array_equal(out["inputs"][0], [[START, A]])
+    np.testing.assert_array_equal(out["targets"][0], [[A, END]])
+
+
+def test_builder_align_proposals_first_image_then_boxes():
+    spec = IngestSpec(task="align", image_size=S, rows=3, max_len=4, randomize=False)
+    props = [[0, 0, 100, 50], [50, 50, 150, 100], [10, 10, 20, 20]]
+    out = BatchBuilder(spec, VOCAB)(_raw_batch([("k0", _jpeg(200, 100), _meta(0, 200, 100, proposals=props)),
+                                                ("k1", _jpeg(200, 100), _meta(1, 200, 100))]))
+    # whole image first, then the first M-1 = 2 proposals; sample 2 falls back to region boxes
+    np.testing.assert_allclose(out["boxes"][0], [[0, 0, 40, 40], [0, 0, 20, 20], [10, 20, 30, 40]])
+    np.testing.assert_allclose(out["boxes"][1], [[0, 0, 40, 40], [0, 8, 16, 24], [2, 8, 18, 24]])
+    assert out["box_mask"].all()
+    # first sentence "the cat runs": word ids only, no START/END, T = max_len = 4
+    np.testing.assert_array_equal(out["tokens"], [[THE, CAT, RUNS, 0]] * 2)
+    assert out["lengths"].tolist() == [3, 3]
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+def _rows(ds_or_iter):
+    return {k: np.asarray(v) for k, v in ds_or_iter.take_batch(10_000).items()}
+
+
+def test_caption_region_dataset_shapes_and_skip_counts(ray_local, shards):
+    ds = build_dataset(shards, "train", "caption", _cfg(), VOCAB, seed=3)
+    rows = _rows(ds)
+    assert set(rows) == {"images", "boxes", "box_mask", "inputs", "targets", "image_id"}
+    n = len(rows["image_id"])
+    assert n == 22 and sorted(rows["image_id"].tolist()) == [i for i in range(24) if i not in (5, 7)]
+    assert rows["images"].shape == (n, 3, S, S) and rows["images"].dtype == np.uint8
+    assert rows["boxes"].shape == (n, 2, 4) and rows["inputs"].shape == (n, 2, 5)
+    assert rows["inputs"].dtype == np.int64 and rows["box_mask"].dtype == bool
+    assert ds.dvsa_skips.counts() == {"corrupt_image": 1, "no_region_caption": 1}
+
+
+def test_fullframe_and_align_datasets(ray_local, shards):
+    ff = _rows(build_dataset(shards, "train", "caption_fullframe", _cfg(), VOCAB, seed=0))
+    n = len(ff["image_id"])
+    assert n == 22 and ff["boxes"].shape == (n, 1, 4) and ff["inputs"].shape == (n, 1, 5)
+    np.testing.assert_allclose(ff["boxes"][:, 0], np.tile([0, 0, S, S], (n, 1)))
+    firsts = {tuple(r) for r in ff["inputs"][:, 0, :2]}
+    assert firsts <= {(START, THE), (START, A)}
+
+    al_ds = build_dataset(shards, "train", "align", _cfg(), VOCAB, seed=0)
+    al = _rows(al_ds)
+    assert al["boxes"].shape == (22, 3, 4) and al["tokens"].shape == (22, 6) and al["lengths"].shape == (22,)
+    odd = al["image_id"] % 2 == 1          # these have proposals; the degenerate third is dropped
+    np.testing.assert_allclose(al["boxes"][odd][:, 1:], np.tile([[0, 0, 20, 20], [10, 20, 30, 40]], (odd.sum(), 1, 1)))
+    assert al_ds.dvsa_skips.counts() == {"corrupt_image": 1, "no_sentence": 1}
+
+
+def test_validation_is_unshuffled_and_whole(ray_local, shards):
+    ds = build_dataset(shards, "val", "caption", _cfg(), VOCAB, seed=0)
+    ids = [int(i) for b in iter_eval_batches(ds, batch_size=4) for i in b["image_id"]]
+    assert ids == list(range(100, 106))
+
+
+def _order(shards, seed, epoch, passes=1):
+    ds = build_dataset(shards, "train", "caption_fullframe", _cfg(), VOCAB, seed=seed, epoch=epoch,
+                       preserve_order=True)
+    out = []
+    for p in range(passes):
+        ids, sents = [], []
+        for b in iter_train_batches(ds, batch_size=5, device="cpu", prefetch_batches=1, epoch=epoch,
+                                    seed=seed, shuffle_buffer=8):
+            ids += b["image_id"].tolist()
+            sents += b["inputs"][:, 0, 1].tolist()
+        out.append((ids, sents))
+    return out
+
+
+def test_seeded_shuffle_is_deterministic_and_changes_per_epoch(ray_local, shards):
+    (a_ids, a_sents), = _order(shards, seed=7, epoch=0)
+    (b_ids, b_sents), = _order(shards, seed=7, epoch=0)
+    (c_ids, _), = _order(shards, seed=7, epoch=1)
+    assert sorted(a_ids) == sorted(c_ids) == [i for i in range(24) if i not in (5, 7)]
+    assert a_ids == b_ids and a_sents == b_sents       # same seed, same epoch: same order and draws
+    assert a_ids != c_ids                              # another epoch: another order
+    assert a_ids != sorted(a_ids)                      # actually shuffled
+
+
+def test_one_dataset_iterated_twice_draws_new_sentences(ray_local, shards):
+    (ids0, s0), (ids1, s1) = _order(shards, seed=1, epoch=0, passes=2)
+    by0, by1 = dict(zip(ids0, s0)), dict(zip(ids1, s1))
+    assert by0.keys() == by1.keys()
+    assert by0 != by1                                  # a new pass, new seeded sentence draws
+
+
+def test_prepared_synthetic_shards(ray_local, synth_world, tmp_path):
+    from dvsa.data.prepare import prepare_vg
+    from dvsa.data.shards import iter_samples, load_manifest, load_vocab
+
+    out = str(tmp_path / "vg")
+    prepare_vg(str(synth_world / "vg"), out, min_count=1, use_ray=False, progress=False)
+    vocab = load_vocab(out)
+    manifest = load_manifest(out)
+    cfg = _cfg(**{"data.max_len": 8, "caption.max_regions_per_image": 4})
+    rows = _rows(build_dataset(out, "train", "caption", cfg, vocab, seed=0, shuffle=False))
+    expected = {int(m["image_id"]): m for _, _, m in iter_samples(out, "train")}
+    assert len(rows["image_id"]) == len(expected) > 0
+    assert manifest  # written by prepare
+    for r in range(len(rows["image_id"])):
+        meta = expected[int(rows["image_id"][r])]
+        w, h = meta["width"], meta["height"]
+        k = min(4, len(meta["regions"]))
+        assert rows["box_mask"][r].sum() == k
+        for j in range(k):
+            reg = meta["regions"][j]
+            x1, y1, x2, y2 = reg["box"]
+            np.testing.assert_allclose(rows["boxes"][r, j], [x1 * S / w, y1 * S / h, x2 * S / w, y2 * S / h],
+                                       rtol=1e-5, atol=1e-4)
+            assert vocab.decode(rows["targets"][r, j]) == [t for t in reg["tokens"][:6] if t in vocab]

@@ -1,0 +1,216 @@
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from dvsa.boxes import iou
+from dvsa.data.prepare import check_balance, prepare_karpathy, prepare_vg
+from dvsa.data.shards import iter_samples, list_shards, load_manifest, load_vocab
+from dvsa.errors import DataError
+from dvsa.text import Vocab
+
+
+def load(p):
+    return json.loads(p.read_text())
+
+
+def vg_args(world):
+    return dict(root=str(world / "vg"), split_file=str(world / "vg" / "densecap_splits.json"))
+
+
+def samples_of(out):
+    return {k: (jpg, meta) for k, jpg, meta in iter_samples(str(out))}
+
+
+@pytest.fixture(scope="module")
+def vg_ray(ray_local, synth_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vg_ray")
+    m = prepare_vg(out=str(out), chunk_images=16, shard_bytes=40_000, min_count=2, progress=False,
+                   **vg_args(synth_world))
+    return out, m
+
+
+def test_vg_on_ray_balances_and_matches_truth(vg_ray, synth_world):
+    out, m = vg_ray
+    truth = {t["image_id"]: t for t in load(synth_world / "truth.json")["images"]}
+    splits = load(synth_world / "vg" / "densecap_splits.json")
+    n_regions = sum(len(t["regions"]) for t in truth.values())
+
+    assert m == load_manifest(str(out))
+    check_balance(m)
+    assert m["run"]["ray"] and m["run"]["chunks"] == 4
+    assert m["inputs"]["images"] == 60 and m["inputs"]["regions"] == n_regions
+    assert m["written"] == {"images": 60, "regions": n_regions, "sentences": 0}
+    assert all(not v for v in m["dropped"].values())
+    for s in ("train", "val", "test"):
+        assert m["splits"][s]["images"] == len(splits[s])
+
+    samples = samples_of(out)
+    assert len(samples) == 60  # keys unique across shards: no duplicates
+    by_shard = Counter()
+    for url in list_shards(str(out)):
+        name = url.rsplit("/", 1)[-1]
+        assert re.fullmatch(r"(train|val|test)-\d{6}\.tar", name)
+        for _, _, meta in iter_samples([url]):
+            assert meta["split"] == name.split("-")[0]
+            by_shard[name] += 1
+    assert {s["name"]: s["samples"] for s in m["shards"]} == dict(by_shard)
+    assert len(list_shards(str(out), "train")) > 1
+
+    image_data = {e["image_id"]: e for e in load(synth_world / "vg" / "image_data.json")}
+    for key, (jpg, meta) in samples.items():
+        t = truth[int(key)]
+        assert meta["image_id"] == int(key) and meta["source"] == "vg" and meta["coco_id"] == int(key)
+        assert (meta["width"], meta["height"]) == (t["width"], t["height"])
+        folder = image_data[int(key)]["url"].split("/")[-2]
+        assert jpg == (synth_world / "vg" / folder / f"{key}.jpg").read_bytes()  # copied as is
+        assert [r["id"] for r in meta["regions"]] == [r["region_id"] for r in t["regions"]]
+        obj_of = {r["region_id"]: r["object"] for r in t["regions"]}
+        # the IoU >= 0.7 groups recover the objects: one group per object, every phrase kept
+        assert len(meta["groups"]) == len(t["objects"])
+        for g in meta["groups"]:
+            objs = {obj_of[r] for r in g["region_ids"]}
+            assert len(objs) == 1
+            assert iou(g["box"], t["objects"][objs.pop()]["box"]) >= 0.7
+            assert len(g["refs"]) == len(g["tokens"]) == len(g["region_ids"])
+
+    # vocabulary: train-split region phrases only
+    regions = {e["id"]: e["regions"] for e in load(synth_world / "vg" / "region_descriptions.json")}
+    counter, n = Counter(), 0
+    for iid in splits["train"]:
+        for r in regions[iid]:
+            counter.update(r["phrase"].split())  # synth phrases are already clean
+            n += 1
+    assert load_vocab(str(out)) == Vocab.build(counter, 2, n)
+
+
+def test_rerun_skips_finished_chunks(vg_ray, synth_world):
+    out, m = vg_ray
+    m2 = prepare_vg(out=str(out), chunk_images=16, shard_bytes=40_000, min_count=2, progress=False,
+                    **vg_args(synth_world))
+    assert m2["run"]["chunks_skipped"] == 4
+    assert {k: v for k, v in m2.items() if k != "run"} == {k: v for k, v in m.items() if k != "run"}
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(synth_world, tmp_path, monkeypatch):
+    import dvsa.data.prepare as prep
+
+    clean = prepare_vg(out=str(tmp_path / "clean"), chunk_images=16, shard_bytes=40_000, use_ray=False,
+                       progress=False, **vg_args(synth_world))
+    out = tmp_path / "killed"
+    real = prep.process_chunk
+
+    def dies_in_chunk_2(chunk, items, out_, params, fp):
+        if chunk == 2:
+            # what a SIGKILL mid-chunk leaves: a finished shard of the chunk, a temp file, no record
+            (out / "train-002000.tar").write_bytes(b"partial")
+            (out / ".train-002001.tar.tmp-deadbeef").write_bytes(b"half")
+            raise KeyboardInterrupt("killed")
+        return real(chunk, items, out_, params, fp)
+
+    monkeypatch.setattr(prep, "process_chunk", dies_in_chunk_2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_vg(out=str(out), chunk_images=16, shard_bytes=40_000, use_ray=False, progress=False,
+                   **vg_args(synth_world))
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(prep, "process_chunk", real)
+    m = prepare_vg(out=str(out), chunk_images=16, shard_bytes=40_000, use_ray=False, progress=False,
+                   **vg_args(synth_world))
+    assert m["run"]["chunks_skipped"] == 2
+    assert m["shards"] == clean["shards"] and m["splits"] == clean["splits"]
+    assert not any(".tmp-" in p.name for p in out.rglob("*"))
+    keys = [k for k, _, _ in iter_samples(str(out))]
+    assert len(keys) == len(set(keys)) == 60
+    assert samples_of(out) == samples_of(tmp_path / "clean")
+
+
+def test_fsspec_memory_output(synth_world):
+    m = prepare_vg(out="memory://dvsa-tests/vg", use_ray=False, progress=False, **vg_args(synth_world))
+    urls = list_shards("memory://dvsa-tests/vg", "val")
+    assert urls and all(u.startswith("memory://") for u in urls)
+    assert sum(1 for _ in iter_samples("memory://dvsa-tests/vg")) == m["written"]["images"] == 60
+    assert len(load_vocab("memory://dvsa-tests/vg")) == m["vocab"]["size"]
+
+
+def test_split_without_file(synth_world, tmp_path):
+    m = prepare_vg(root=str(synth_world / "vg"), out=str(tmp_path), val_images=5, test_images=7,
+                   use_ray=False, progress=False)
+    assert [m["splits"][s]["images"] for s in ("train", "val", "test")] == [48, 5, 7]
+    assert m["params"]["val_images"] == 5
+
+
+def test_max_side_downscales_once(synth_world, tmp_path):
+    from io import BytesIO
+
+    from PIL import Image
+
+    m = prepare_vg(out=str(tmp_path), max_side=48, use_ray=False, progress=False, **vg_args(synth_world))
+    truth = {t["image_id"]: t for t in load(synth_world / "truth.json")["images"]}
+    regions = {r["region_id"]: r for e in load(synth_world / "vg" / "region_descriptions.json") for r in e["regions"]}
+    assert m["info"]["images_downscaled"] == 60
+    for key, jpg, meta in iter_samples(str(tmp_path)):
+        im = Image.open(BytesIO(jpg))
+        assert im.size == (meta["width"], meta["height"]) and max(im.size) == 48
+        t = truth[int(key)]
+        sx, sy = meta["width"] / t["width"], meta["height"] / t["height"]
+        r = meta["regions"][0]
+        src = regions[r["id"]]
+        assert r["box"] == pytest.approx([src["x"] * sx, src["y"] * sy, (src["x"] + src["width"]) * sx,
+                                          (src["y"] + src["height"]) * sy], abs=0.01)
+
+
+def test_karpathy_with_proposals_and_leakage_guard(synth_world, tmp_path):
+    vg_out = tmp_path / "vg"
+    prepare_vg(out=str(vg_out), use_ray=False, progress=False, **vg_args(synth_world))
+    kp_json = synth_world / "karpathy" / "dataset_synth.json"
+    common = dict(images_root=str(synth_world / "vg"), proposals=str(synth_world / "karpathy" / "proposals.json"),
+                  vg_shards=str(vg_out), use_ray=False, progress=False)
+    m = prepare_karpathy(str(kp_json), out=str(tmp_path / "kp"), **common)
+    check_balance(m)
+    assert m["written"] == {"images": 60, "regions": 0, "sentences": 300}
+    assert m["leakage"]["train_images_in_vg_val_test"] == 0
+    truth = {t["image_id"]: t for t in load(synth_world / "truth.json")["images"]}
+    for key, _, meta in iter_samples(str(tmp_path / "kp")):
+        t = truth[int(key)]
+        assert meta["source"] == "karpathy" and meta["split"] == t["split"]
+        assert [s["tokens"] for s in meta["sentences"]] == [s["tokens"] for s in t["sentences"]]
+        assert len(meta["proposals"]) == len(t["objects"])
+
+    # crafted overlap: two VG test images put in the Karpathy train split
+    d = load(kp_json)
+    vg_test = load(synth_world / "vg" / "densecap_splits.json")["test"][:2]
+    for e in d["images"]:
+        if e["cocoid"] in vg_test:
+            e["split"] = "train"
+    leaky = tmp_path / "leaky.json"
+    leaky.write_text(json.dumps(d))
+    m = prepare_karpathy(str(leaky), out=str(tmp_path / "kp2"), **common)
+    assert m["leakage"]["train_images_in_vg_val_test"] == 2
+    assert m["leakage"]["examples"] == sorted(vg_test)
+
+
+def test_check_balance_detects_a_mismatch(vg_ray):
+    _, m = vg_ray
+    bad = json.loads(json.dumps(m))
+    bad["inputs"]["regions"] += 1
+    with pytest.raises(DataError, match="does not balance for regions"):
+        check_balance(bad)
+    bad = json.loads(json.dumps(m))
+    bad["shards"][0]["samples"] += 1
+    with pytest.raises(DataError, match="shards hold"):
+        check_balance(bad)
+
+
+def test_cli_prepare(synth_world, tmp_path, capsys):
+    from dvsa.cli import main
+
+    rc = main(["prepare", "vg", "--root", str(synth_world / "vg"), "--split-file",
+               str(synth_world / "vg" / "densecap_splits.json"), "--out", str(tmp_path / "o"), "--no-ray", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "vocab:" in out
+    rc = main(["prepare", "karpathy", "--json", str(tmp_path / "missing.json"), "--images-root", str(tmp_path),
+               "--out", str(tmp_path / "k"), "--no-ray", "--quiet"])
+    assert rc == 1
+    assert "missing.json: no such file" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""dvsa.runtime: quiet environment, cluster address, Ray temp dir placement (no Ray started)."""
+
+import os
+from pathlib import Path
+
+from dvsa import runtime
+
+
+def test_quiet_environment_sets_defaults_but_keeps_user_values(monkeypatch):
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")   # the user's explicit choice wins
+    env = runtime.quiet_environment()
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "false"
+    assert set(env) == set(runtime.QUIET_ENV)
+
+
+def test_cluster_address_precedence(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runtime.cluster_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert runtime.cluster_address(None) == "10.0.0.1:6379"
+    assert runtime.cluster_address("ray://head:10001") == "ray://head:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert runtime.cluster_address(None) is None
+
+
+def test_temp_dir_inside_short_out_dir(tmp_path, monkeypatch):
+    # a short output path: the temp dir is <out>/ray-tmp itself
+    short = Path("/tmp") / f"dvsa-rt-{os.getpid()}"
+    try:
+        d = runtime.ray_temp_dir(short)
+        assert d == str(short.resolve() / "ray-tmp") and Path(d).is_dir()
+        assert len(d) <= runtime.MAX_TEMP_DIR_LEN
+    finally:
+        import shutil
+
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_temp_dir_for_long_out_dir_is_short_and_linked(tmp_path):
+    out = tmp_path / ("x" * 60) / "run"
+    d = runtime.ray_temp_dir(out)
+    try:
+        # Ray's socket paths = temp dir + ~64 chars must stay under 107
+        assert len(d) <= runtime.MAX_TEMP_DIR_LEN
+        assert len(d) + len("/session_2026-01-01_12-00-00_123456_1234567/sockets/plasma_store") <= 107
+        link = out / "ray-tmp"
+        assert link.is_symlink() and os.readlink(link) == d
+        assert (out / "ray-tmp.txt").read_text().strip() == d
+        # a second job in the same output dir reuses the linked dir
+        assert runtime.ray_temp_dir(out) == d
+    finally:
+        os.rmdir(d)
