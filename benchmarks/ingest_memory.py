@@ -79,9 +79,10 @@ def _ray_worker_pids() -> list[int]:
 class Sampler(threading.Thread):
     def __init__(self, period: float = 0.1):
         super().__init__(daemon=True)
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        self._reply = lambda: get_memory_info_reply(get_state_from_address(None))
+        self._reply = lambda: get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
         self.period = period
         self.stop_flag = threading.Event()
         self.store_peak = 0
@@ -89,13 +90,15 @@ class Sampler(threading.Thread):
         self.worker_rss_sum_peak = 0    # all workers together
         self.driver_rss_peak = 0
         self.samples = 0
+        self.store_errors = 0
 
     def run(self):
         while not self.stop_flag.is_set():
             try:
                 used = int(self._reply().store_stats.object_store_bytes_used)
-            except Exception:
+            except Exception:  # the raylet did not answer this time
                 used = 0
+                self.store_errors += 1
             rss = [_rss(p) for p in _ray_worker_pids()]
             self.store_peak = max(self.store_peak, used)
             self.worker_rss_peak = max(self.worker_rss_peak, max(rss, default=0))
@@ -123,7 +126,8 @@ def measure(root: str, cfg, vocab, batch_size: int, step_s: float) -> dict:
     return {"rows": n, "seconds": elapsed, "object_store_peak_mib": sampler.store_peak / MiB,
             "worker_rss_peak_mib": sampler.worker_rss_peak / MiB,
             "worker_rss_sum_peak_mib": sampler.worker_rss_sum_peak / MiB,
-            "driver_rss_peak_mib": sampler.driver_rss_peak / MiB, "samples": sampler.samples}
+            "driver_rss_peak_mib": sampler.driver_rss_peak / MiB, "samples": sampler.samples,
+            "store_sample_errors": sampler.store_errors}
 
 
 def main() -> int:

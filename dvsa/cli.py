@@ -27,6 +27,7 @@ COMMANDS = {
     "caption": "caption",
     "search": "search",
     "demo": "demo",
+    "snippets": "snippets",
 }
 
 _HELP = {
@@ -42,6 +43,7 @@ _HELP = {
     "caption": "caption your own images (whole or given boxes) with a trained model",
     "search": "top-scoring regions of the test set for a text query",
     "demo": "the whole pipeline on a synthetic world on a local Ray, in minutes",
+    "snippets": "MRF snippet alignment over a shard set -> region-snippet shards (Ray Data job)",
 }
 
 

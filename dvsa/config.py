@@ -140,8 +140,13 @@ class TuneConfig:
     grace_period: int = 1
     reduction_factor: int = 2
     time_budget_s: Optional[float] = None
+    # resources of one trial's Train workers, split evenly over train.num_workers (fractional GPUs
+    # let several single-worker trials share a GPU); the trial's own driver takes driver_cpus
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    driver_cpus: float = 0.1        # the Tune trial function (it only waits on its TorchTrainer); > 0
+    name: Optional[str] = None      # sweep name; re-running a sweep with the same name resumes it
+    best_scope: Literal["last", "all"] = "last"   # rank trials by their last epoch or their best one
     # search space: {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.hidden_dim": {"choice": [...]}}
     space: dict = field(default_factory=dict)
 
@@ -385,6 +390,11 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"caption.temperature: must be > 0, got {cfg.caption.temperature!r}")
     if cfg.train.cpus_per_worker <= 0:
         raise ConfigError(f"train.cpus_per_worker: must be > 0, got {cfg.train.cpus_per_worker!r}")
+    for key in ("tune.cpus_per_trial", "tune.driver_cpus"):
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0 (Ray refuses a trial without CPU), got {flat[key]!r}")
+    if cfg.tune.time_budget_s is not None and cfg.tune.time_budget_s <= 0:
+        raise ConfigError(f"tune.time_budget_s: must be > 0 or null, got {cfg.tune.time_budget_s!r}")
     if cfg.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor: must be >= 2, got {cfg.tune.reduction_factor!r}")
     for k, spec in cfg.tune.space.items():

@@ -36,6 +36,18 @@ _SESSION_SUFFIX = len("/session_2026-01-01_12-00-00_123456_1234567/sockets/plasm
 MAX_TEMP_DIR_LEN = _SOCKET_PATH_MAX - _SESSION_SUFFIX
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def quiet_environment() -> dict[str, str]:
     """Set the quiet variables (without overriding the user's) and return them as set."""
     for k, v in QUIET_ENV.items():
@@ -86,19 +98,31 @@ def ray_session(out: str | os.PathLike, address: Optional[str] = None, num_cpus:
         yield {"mode": "reused", "address": None, "temp_dir": None}
         return
     addr = cluster_address(address)
-    runtime_env = {"env_vars": env}
+    api_env_set = False
     if addr:
+        # a job's own runtime_env (``ray job submit``) may set the same variables: pass none here
         log.info("joining Ray cluster at %s", addr)
-        ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+        ray.init(address=addr, log_to_driver=True, configure_logging=False)
         info = {"mode": "joined", "address": addr, "temp_dir": None}
     else:
         tmp = ray_temp_dir(out)
         log.info("starting a local Ray (temp dir %s)", tmp)
+        dashboard_port = None
+        if include_dashboard is not False and API_SERVER_ENV not in os.environ:
+            # Ray processes that query the State API without an address (Ray Train V2's
+            # PlacementGroupCleaner, which frees the workers' placement group of a trial Tune
+            # stopped) fail with "Found multiple active Ray instances" when other Ray clusters run
+            # on the machine: pin this cluster's API server in the environment Ray's processes inherit.
+            dashboard_port = free_port()
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
+            api_env_set = True
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=tmp, include_dashboard=include_dashboard,
-                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=True,
-                 configure_logging=False)
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env},
+                 log_to_driver=True, configure_logging=False)
         info = {"mode": "local", "address": None, "temp_dir": tmp}
     try:
         yield info
     finally:
         ray.shutdown()
+        if api_env_set:
+            os.environ.pop(API_SERVER_ENV, None)

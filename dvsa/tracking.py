@@ -14,10 +14,9 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,18 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def artifact_root(uri: str) -> Optional[str]:
+    """Where a SQLite store's artifacts go: ``<db dir>/mlartifacts`` (MLflow's own default would be
+    ``./mlruns`` in whatever directory the job happened to start in). None for servers, which
+    pick their own artifact store."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+    return None
+
+
 def prepare_store(uri: str, experiment: str) -> str:
     """Create (and migrate) the store and the experiment; return the experiment id."""
+    root = artifact_root(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     c = client(uri)
@@ -67,7 +76,8 @@ def prepare_store(uri: str, experiment: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return retry_locked(c.create_experiment, experiment)
+        location = Path(root, experiment).as_uri() if root else None
+        return retry_locked(c.create_experiment, experiment, artifact_location=location)
     except Exception:  # created meanwhile by another driver
         exp = retry_locked(c.get_experiment_by_name, experiment)
         if exp is None:
@@ -231,15 +241,3 @@ def plot_curves(curves: Mapping[str, list[tuple[int, float]]], path: str | os.Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
-def write_temp_json(obj: Any, name: str, tmpdir: Optional[str] = None) -> Path:
-    d = Path(tmpdir or tempfile.mkdtemp(prefix="dvsa-art-"))
-    p = d / name
-    p.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    return p
-
-
-def iter_chunks(items: list, n: int) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]

@@ -73,6 +73,10 @@ def test_artifacts_table_dict_and_curves(uri, tmp_path):
     names = {a.path for a in c.list_artifacts(logger.run_id)}
     assert {"checkpoint.json", "samples", "plots"} <= names
     assert [a.path for a in c.list_artifacts(logger.run_id, "plots")] == ["plots/c.png"]
+    # artifacts live beside the SQLite file, not in ./mlruns of the current directory
+    exp = c.get_experiment_by_name("exp")
+    assert exp.artifact_location == (tmp_path.resolve() / "mlartifacts" / "exp").as_uri()
+    assert (tmp_path / "mlartifacts" / "exp").is_dir()
     import json
 
     table = json.loads(open(c.download_artifacts(logger.run_id, "samples/val.json")).read())

@@ -173,7 +173,9 @@ def test_region_captioner_end_to_end(ray_local, shards, tmp_path):
     assert run.data.tags["dataset"] == "vg"
     meteor = c.get_metric_history(outcome.run_id, "val/METEOR")
     assert len(meteor) == cfg.train.epochs and all(0.0 <= m.value <= 1.0 for m in meteor)
-    assert "samples" in arts
+    assert "samples" in arts and "pictures" in arts
+    pics = [a.path for a in c.list_artifacts(outcome.run_id, "pictures")]
+    assert len(pics) == 1 and pics[0].endswith(".png")
     table = json.load(open(c.download_artifacts(outcome.run_id, "samples/val_captions.json")))
     assert table["columns"] == ["image_id", "generated", "reference"] and table["data"]
     # the checkpoint loads back by MLflow run id, as a CaptioningModel with its vocabulary

@@ -65,10 +65,12 @@ class _Embedder:
             self.encoder = build_encoder(cfg.model).to(device).eval()
 
     @torch.no_grad()
-    def regions(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def regions(self, images: list[np.ndarray], boxes: list[np.ndarray],
+                max_boxes: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v float[B, M, h], v_mask bool[B, M]) with M = ``max_boxes`` or ``data.max_regions``."""
         from dvsa.ingest import normalize_images
 
-        M = self.cfg.data.max_regions
+        M = max_boxes or self.cfg.data.max_regions
         x = normalize_images(torch.from_numpy(np.stack(images)).to(self.device))        # [B, 3, S, S]
         padded = torch.zeros(len(images), M, 4, device=self.device)
         mask = torch.zeros(len(images), M, dtype=torch.bool, device=self.device)

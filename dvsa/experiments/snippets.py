@@ -354,8 +354,8 @@ def write_snippet_shards(checkpoint: str, shards: str, out: str, *, splits: Sequ
         ds.context.execution_options.preserve_order = True
         ds = ds.map_batches(SnippetAligner, fn_constructor_args=(str(ckpt), beta, include_full_image,
                                                                  "cuda" if use_gpu else "cpu"),
-                            batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
-                            num_gpus=1 if use_gpu else 0)
+                            batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0)
         c = counts[split]
         with ShardWriter(str(out), split, shard_bytes) as writer:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -8,18 +8,21 @@ they are used as they are. Images stay uint8 until :func:`normalize_images` runs
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from dvsa.ingest.dataset import mix_seed
+
+if TYPE_CHECKING:  # torch is imported lazily: Ray Data decode workers never need it
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
+def normalize_images(images: "torch.Tensor") -> "torch.Tensor":
     """uint8 ``[B,3,S,S]`` -> float32 ``[B,3,S,S]``, ``(x/255 - mean) / std`` (ImageNet stats)."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float().div_(255.0) - mean) / std
@@ -33,7 +36,7 @@ def to_model_inputs(batch: dict) -> dict:
     return out
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def _to_device(batch: dict, device) -> dict:
     if device.type == "cpu":
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -41,6 +44,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop_last: bool,
              shuffle_buffer: Optional[int], shuffle_seed: Optional[int]) -> Iterator[dict]:
+    import torch
+
     device = torch.device(device)
     cuda = device.type == "cuda"
     it = dataset_shard.iter_torch_batches(

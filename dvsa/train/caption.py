@@ -65,9 +65,18 @@ def validate_captions(v: ValidationContext) -> tuple[dict, list]:
         if n_tok:
             loss_sum += float(caption_loss(logits.float(), targets)) * n_tok
             tokens += n_tok
-        gen, _ = decode(model.captioner, feats, cfg.data.max_len, cfg.caption)   # [N, T']
+        gen, logprob = decode(model.captioner, feats, cfg.data.max_len, cfg.caption)   # [N, T'], [N]
         image_ids = batch["image_id"] if "image_id" in batch else None
         rows_img = mask.nonzero()[:, 0]                                 # image row of each caption
+        if b == 0 and "images" in batch and mask[0].any():
+            k = int(mask[0].sum())   # the first image's regions are the first k rows
+            v.state["picture"] = {
+                "image": batch["images"][0].permute(1, 2, 0).cpu().numpy().tolist(),   # HWC uint8
+                "boxes": batch["boxes"][0][mask[0]].float().cpu().tolist(),
+                "captions": [" ".join(vocab.decode(gen[n].tolist())) for n in range(k)],
+                "scores": [float(x) for x in logprob[:k].float().cpu()],
+                "image_id": int(batch["image_id"][0]) if "image_id" in batch else 0,
+            }
         for n in range(len(targets)):
             ref = " ".join(vocab.decode(targets[n].tolist()))
             if not ref:

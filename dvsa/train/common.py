@@ -97,10 +97,12 @@ def run_name(cfg: Config) -> str:
 
 
 def build_trainer(loop: Callable[[dict], Any], cfg: Config, loop_config: dict, datasets: dict,
-                  storage_path: str, name: str, env_vars: Optional[dict] = None):
+                  storage_path: str, name: str, env_vars: Optional[dict] = None,
+                  callbacks: Optional[list] = None):
     """A ``TorchTrainer`` whose scaling, failure and checkpoint settings come from ``cfg.train``.
 
     Only the train dataset is split across workers; validation is kept whole (rank 0 scores it).
+    ``callbacks``: extra Train ``RunConfig`` callbacks (a Tune trial passes ``TuneReportCallback``).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -118,6 +120,7 @@ def build_trainer(loop: Callable[[dict], Any], cfg: Config, loop_config: dict, d
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric,
                                            checkpoint_score_order=order),
         worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
+        callbacks=list(callbacks) if callbacks else None,
     )
     return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
                         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))

@@ -112,7 +112,6 @@ def storage_path(cfg: Config) -> str:
 def train(cfg: Config, task: str) -> TrainOutcome:
     """Run one training job end to end (see module doc); raises DvsaError subclasses."""
     from dvsa import runtime, tracking
-    from dvsa.train.common import build_trainer
 
     manifest = check_inputs(cfg, task)
     env = runtime.quiet_environment()
@@ -129,22 +128,12 @@ def train(cfg: Config, task: str) -> TrainOutcome:
     changed = logger.log_params(cfg.flat())
     if changed:
         log.info("resumed run %s with changed settings: %s", logger.run_id, ", ".join(sorted(changed)))
-    job_dir = out / "jobs" / name
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "vocab": posixpath.join(root, "vocab.json"),
-        "tracking_uri": uri,
-        "run_id": logger.run_id,
-        "train_name": name,
-        "total_steps": total_steps(cfg, manifest),
-        "progress_dir": str(job_dir / "progress"),
-    }
     status = "FAILED"
     try:
         with runtime.ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus) as ray_info:
             log.info("Ray: %s", ray_info["mode"])
-            datasets = _datasets(cfg, task, root)
-            trainer = build_trainer(_loop(task), cfg, loop_config, datasets, storage_path(cfg), name, env)
+            trainer = make_trainer(cfg, task, name, manifest=manifest, env_vars=env,
+                                   tracking_uri=uri, run_id=logger.run_id)
             result = _fit(trainer)
         outcome = _outcome(cfg, name, logger, uri, result, resumed)
         _log_outcome(cfg, logger, outcome, result, root)
@@ -158,6 +147,34 @@ def train(cfg: Config, task: str) -> TrainOutcome:
             logger.end(status)
         except Exception as e:  # never mask the job's own error
             log.warning("could not end MLflow run %s: %s", logger.run_id, e)
+
+
+def make_trainer(cfg: Config, task: str, name: str, *, manifest: Optional[dict] = None,
+                 callbacks: Optional[list] = None, env_vars: Optional[dict] = None,
+                 tracking_uri: Optional[str] = None, run_id: Optional[str] = None):
+    """The job's ``TorchTrainer`` (Ray must be initialised: the datasets are built here).
+
+    ``run_id``/``tracking_uri``: the MLflow run rank 0 logs into (none: no worker logging, e.g.
+    Tune trials, whose metrics reach MLflow through Tune). ``callbacks``: Ray Train
+    ``UserCallback``s (e.g. Tune's ``TuneReportCallback``).
+    """
+    from dvsa.data.shards import load_manifest
+    from dvsa.train.common import build_trainer
+
+    root = shards_root(cfg)
+    manifest = manifest if manifest is not None else load_manifest(root)
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "vocab": posixpath.join(root, "vocab.json"),
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "train_name": name,
+        "total_steps": total_steps(cfg, manifest),
+        "progress_dir": str(Path(cfg.out).resolve() / "jobs" / name / "progress"),
+    }
+    datasets = _datasets(cfg, task, root)
+    return build_trainer(_loop(task), cfg, loop_config, datasets, storage_path(cfg), name, env_vars,
+                         callbacks=callbacks)
 
 
 def _loop(task: str):
@@ -243,6 +260,9 @@ def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) 
         samples = ((result.return_value or {}).get("samples")) or []
         if samples:
             logger.log_table(samples, "samples/val_captions.json")
+        picture = (result.return_value or {}).get("picture")
+        if picture:
+            _log_picture(picture, Path(tmp) / f"regions_{picture['image_id']}.png", logger, outcome.name)
         curves = {k: logger.metric_history(k) for k in ("train/loss", "train/epoch_loss", "val/loss")}
         if any(curves.values()):
             png = tracking.plot_curves(curves, Path(tmp) / "loss_curves.png", title=outcome.name)
@@ -251,6 +271,18 @@ def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) 
     print(f"[{outcome.name}] done: step {outcome.step}, epoch {outcome.epoch}; {shown}\n"
           f"  best checkpoint: {outcome.checkpoint}\n"
           f"  MLflow run {outcome.run_id} ({outcome.tracking_uri})", flush=True)
+
+
+def _log_picture(picture: dict, path: Path, logger, title: str) -> None:
+    """The first validation image with its regions and the captions generated for them."""
+    import numpy as np
+
+    from dvsa.viz import draw_region_captions
+
+    image = np.asarray(picture["image"], dtype=np.uint8)
+    draw_region_captions(image, picture["boxes"], picture["captions"], picture["scores"], path,
+                         title=f"{title}: validation image {picture['image_id']}")
+    logger.log_artifact(path, "pictures")
 
 
 def _copy(src: str, dst: Path) -> Path:

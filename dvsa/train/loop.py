@@ -269,4 +269,5 @@ def run_worker(task: Task, config: dict) -> dict:
         scorer = val_state.get("scorer")
         if scorer is not None:
             scorer.close()
-    return {"step": step, "epoch": epoch, "metrics": last_metrics, "samples": samples}
+    return {"step": step, "epoch": epoch, "metrics": last_metrics, "samples": samples,
+            "picture": val_state.get("picture")}

@@ -1,0 +1,310 @@
+"""Word-to-region alignment accuracy on ``dvsa synth`` data, where the true boxes are known.
+
+``truth.json`` records, for every full sentence, the object each token names (-1 for none).
+A word that names object o counts as correctly aligned when the box the model aligns it to
+overlaps o's true box at IoU >= 0.5. Two alignments are scored from the same unary
+``v_i^T s_t``:
+
+- ``argmax``: each word its own best box (the MRF with beta = 0);
+- ``mrf``: Viterbi with ``align.mrf_beta`` (eq. 10-12), the snippets used for training.
+
+Chance is the expected accuracy of a box drawn uniformly among the candidates the model
+chooses from (the whole image + proposals): ``align/word_acc_chance``; drawn among the
+proposals only: ``align/word_acc_chance_proposals`` (the figure a detector-only baseline
+would quote). No real dataset can give these numbers; the synthetic world can.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from dvsa.boxes import iou
+from dvsa.errors import DataError, DvsaError
+
+log = logging.getLogger(__name__)
+
+IOU_CORRECT = 0.5
+METRIC_PREFIX = "align/"
+
+
+@dataclass
+class WordAlignmentResult:
+    acc_argmax: float               # fraction of object words aligned to their object's box, beta = 0
+    acc_mrf: float                  # the same after MRF smoothing (beta)
+    chance: float                   # uniform over all candidate boxes (whole image included)
+    chance_proposals: float         # uniform over the proposals only
+    beta: float
+    words: int                      # object-naming words scored
+    sentences: int
+    images: int
+    by_role: dict = field(default_factory=dict)   # role -> {"argmax": acc, "mrf": acc, "words": n}
+    skipped: dict = field(default_factory=dict)   # reason -> count (images or sentences not scored)
+
+    def metrics(self) -> dict[str, float]:
+        """The MLflow metrics: ``align/word_acc_argmax``, ``align/word_acc_mrf``, chance, ..."""
+        m = {f"{METRIC_PREFIX}word_acc_argmax": self.acc_argmax, f"{METRIC_PREFIX}word_acc_mrf": self.acc_mrf,
+             f"{METRIC_PREFIX}word_acc_chance": self.chance,
+             f"{METRIC_PREFIX}word_acc_chance_proposals": self.chance_proposals,
+             f"{METRIC_PREFIX}word_acc_words": float(self.words)}
+        for role, r in self.by_role.items():
+            m[f"{METRIC_PREFIX}word_acc_mrf_{role}"] = r["mrf"]
+        return m
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- pure scoring
+
+
+def word_hits(assign_row: Sequence[int], boxes: Sequence[Sequence[float]], word_objects: Sequence[int],
+              true_boxes: Sequence[Sequence[float]], threshold: float = IOU_CORRECT) -> list[tuple[int, bool]]:
+    """``[(t, correct)]`` for every word t that names an object (``word_objects[t] >= 0``):
+    correct when ``boxes[assign_row[t]]`` has IoU >= threshold with that object's true box."""
+    out = []
+    for t, o in enumerate(word_objects):
+        if o < 0:
+            continue
+        a = int(assign_row[t])
+        out.append((t, 0 <= a < len(boxes) and iou(boxes[a], true_boxes[o]) >= threshold))
+    return out
+
+
+def chance_hit_rate(boxes: Sequence[Sequence[float]], true_box: Sequence[float],
+                    threshold: float = IOU_CORRECT) -> float:
+    """Probability that a box drawn uniformly from ``boxes`` matches ``true_box``."""
+    if not boxes:
+        return 0.0
+    return sum(iou(b, true_box) >= threshold for b in boxes) / len(boxes)
+
+
+def accuracy(hits: Sequence[bool]) -> float:
+    return sum(bool(h) for h in hits) / len(hits) if hits else 0.0
+
+
+# --------------------------------------------------------------------------- truth
+
+
+def load_truth(world: str | os.PathLike) -> dict[int, dict]:
+    """``truth.json`` of a synthetic world (the file or its directory): image_id -> entry."""
+    p = Path(world)
+    p = p / "truth.json" if p.is_dir() else p
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file (word alignment accuracy needs a `dvsa synth` world)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    try:
+        return {int(im["image_id"]): im for im in data["images"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{p}: not a dvsa synth truth file ({type(e).__name__}: {e})") from None
+
+
+def true_boxes_in_frame(truth_image: dict, width: int, height: int) -> list[list[float]]:
+    """The objects' true boxes scaled into the stored JPEG's ``width x height`` (prepare may
+    have downscaled it)."""
+    sx, sy = width / float(truth_image["width"]), height / float(truth_image["height"])
+    return [[o["box"][0] * sx, o["box"][1] * sy, o["box"][2] * sx, o["box"][3] * sy]
+            for o in truth_image["objects"]]
+
+
+def match_sentences(sentences: Sequence[dict], truth_sentences: Sequence[dict]) -> list[Optional[dict]]:
+    """For each shard sentence, the truth sentence with the same tokens (each used once), or None."""
+    pool = list(truth_sentences)
+    out = []
+    for s in sentences:
+        hit = next((i for i, ts in enumerate(pool) if ts["tokens"] == s.get("tokens")), None)
+        out.append(pool.pop(hit) if hit is not None else None)
+    return out
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dict], split: str = "test",
+                            beta: Optional[float] = None, batch_size: int = 16,
+                            max_images: Optional[int] = None) -> WordAlignmentResult:
+    """Score the alignment model on ``split`` of a synth world's Karpathy shards."""
+    from dvsa.data.shards import iter_samples
+    from dvsa.experiments.snippets import align_sentences, alignment_boxes, embed_images, encode_sentences
+    from dvsa.ingest.decode import CorruptImage
+    from dvsa.models.mrf import viterbi_align
+
+    beta = float(cfg.align.mrf_beta if beta is None else beta)
+    hits = {"argmax": [], "mrf": []}
+    roles: dict[str, dict[str, list]] = {}
+    chance, chance_prop = [], []
+    skipped: Counter = Counter()
+    n_images = n_sentences = 0
+
+    def flush(batch):
+        nonlocal n_images, n_sentences
+        if not batch:
+            return
+        try:
+            v, vm = embed_images(model, [b[0] for b in batch], [b[1] for b in batch], cfg.data.image_size,
+                                 cfg.data.jpeg_decoder)
+        except CorruptImage:
+            ok = []
+            for b in batch:
+                try:
+                    embed_images(model, [b[0]], [b[1]], cfg.data.image_size, cfg.data.jpeg_decoder)
+                    ok.append(b)
+                except CorruptImage:
+                    skipped["corrupt_image"] += 1
+            batch[:] = ok
+            if not batch:
+                return
+            v, vm = embed_images(model, [b[0] for b in batch], [b[1] for b in batch], cfg.data.image_size,
+                                 cfg.data.jpeg_decoder)
+        sent_img, toks, info = [], [], []
+        for i, (_, boxes, pairs, true_boxes) in enumerate(batch):
+            for s, ts in pairs:
+                sent_img.append(i)
+                toks.append(s["tokens"])
+                info.append((boxes, ts, true_boxes))
+        tokens, lengths = encode_sentences(vocab, toks)
+        sent_img_t = torch.tensor(sent_img, dtype=torch.long)
+        a_mrf, unary = align_sentences(model, v, vm, sent_img_t, tokens, lengths, beta)
+        a_arg = viterbi_align(unary, lengths, vm[sent_img_t], 0.0)
+        for k, (boxes, ts, true_boxes) in enumerate(info):
+            for name, assign in (("argmax", a_arg), ("mrf", a_mrf)):
+                for t, ok in word_hits(assign[k].tolist(), boxes, ts["objects"], true_boxes):
+                    hits[name].append(ok)
+                    role = (ts.get("roles") or ["other"] * len(ts["objects"]))[t]
+                    roles.setdefault(role, {"argmax": [], "mrf": []})[name].append(ok)
+            for o in ts["objects"]:
+                if o >= 0:
+                    chance.append(chance_hit_rate(boxes, true_boxes[o]))
+                    chance_prop.append(chance_hit_rate(boxes[1:], true_boxes[o]))
+        n_images += len(batch)
+        n_sentences += len(info)
+        batch.clear()
+
+    batch: list = []
+    seen = 0
+    for key, jpg, meta in iter_samples(shards, split):
+        if max_images is not None and seen >= max_images:
+            break
+        seen += 1
+        t = truth.get(_as_int(meta.get("image_id")))
+        if t is None:
+            skipped["image_not_in_truth"] += 1
+            continue
+        if not jpg:
+            skipped["missing_image"] += 1
+            continue
+        sents = [s for s in meta.get("sentences") or [] if s.get("tokens")]
+        pairs = []
+        for s, ts in zip(sents, match_sentences(sents, t["sentences"])):
+            if ts is None:
+                skipped["sentence_not_in_truth"] += 1
+            else:
+                pairs.append((s, ts))
+        if not pairs:
+            skipped["no_sentence"] += 1
+            continue
+        boxes = alignment_boxes(meta, cfg.data.max_regions)
+        batch.append((jpg, boxes, pairs, true_boxes_in_frame(t, int(meta["width"]), int(meta["height"]))))
+        if len(batch) >= batch_size:
+            flush(batch)
+    flush(batch)
+    if not hits["mrf"]:
+        raise DataError(f"{shards}: no {split} sentence with object words matched {len(truth)} truth images "
+                        f"(skipped: {dict(skipped) or 'none'}); are these the shards of this synth world?")
+    if skipped:
+        log.warning("word alignment: not scored: %s", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    return WordAlignmentResult(
+        acc_argmax=accuracy(hits["argmax"]), acc_mrf=accuracy(hits["mrf"]),
+        chance=sum(chance) / len(chance), chance_proposals=sum(chance_prop) / len(chance_prop), beta=beta,
+        words=len(hits["mrf"]), sentences=n_sentences, images=n_images,
+        by_role={r: {"argmax": accuracy(h["argmax"]), "mrf": accuracy(h["mrf"]), "words": len(h["mrf"])}
+                 for r, h in sorted(roles.items())},
+        skipped=dict(skipped))
+
+
+def _as_int(v) -> Optional[int]:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def find_alignment_run(uri: str, checkpoint: str, resolved: str) -> Optional[str]:
+    """The MLflow run that trained this checkpoint: ``checkpoint`` itself when it is a run id,
+    else the run whose ``dvsa.checkpoint`` tag names the checkpoint dir (or its run dir)."""
+    import re
+
+    from dvsa import tracking
+
+    if re.fullmatch(r"[0-9a-f]{32}", str(checkpoint)) and tracking.find_run(uri, checkpoint) is not None:
+        return str(checkpoint)
+    c = tracking.client(uri)
+    exp_ids = [e.experiment_id for e in tracking.retry_locked(c.search_experiments)]
+    if not exp_ids:
+        return None
+    paths = {str(resolved), os.path.abspath(str(resolved)), str(checkpoint), os.path.abspath(str(checkpoint))}
+    for p in sorted(paths):
+        q = f"tags.`{tracking.CHECKPOINT_TAG}` = '{p}'"
+        runs = tracking.retry_locked(c.search_runs, exp_ids, filter_string=q, max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        if runs:
+            return runs[0].info.run_id
+    return None
+
+
+def evaluate_word_alignment(checkpoint: str, world: str, shards: str, *, split: str = "test",
+                            beta: Optional[float] = None, out_dir: Optional[str] = None,
+                            tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
+                            experiment: Optional[str] = None, max_images: Optional[int] = None) -> dict:
+    """Score a trained alignment model on a synth world, log the metrics and the Fig. 5
+    picture to its MLflow run (found by run id or checkpoint tag; a new run in ``experiment``
+    when there is none), write them under ``out_dir``; return ``{"result", "run_id", "figure"}``."""
+    from dvsa import tracking
+    from dvsa.experiments.snippets import alignment_figure, first_sample
+    from dvsa.train.checkpoints import load_trained, resolve_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint, tracking_uri)
+    model, vocab, cfg = load_trained(str(resolved))
+    if cfg.task != "align":
+        raise DvsaError(f"{checkpoint}: a {cfg.task!r} checkpoint; word alignment needs an alignment model")
+    if getattr(model, "encoder", None) is None:
+        raise DvsaError(f"{checkpoint}: trained on precomputed features; word alignment needs the model's CNN")
+    result = word_alignment_accuracy(model, vocab, cfg, shards, load_truth(world), split, beta,
+                                     max_images=max_images)
+    out = Path(out_dir or cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "word_alignment.json").write_text(json.dumps(result.as_dict(), indent=2))
+    _, jpg, meta = first_sample(shards, split)
+    figure = alignment_figure(model, vocab, cfg, jpg, meta, out / "fig5_alignment.png", beta=result.beta)
+    uri = tracking_uri or tracking.tracking_uri(out, cfg.mlflow.tracking_uri)
+    rid = run_id or find_alignment_run(uri, checkpoint, str(resolved))
+    if rid is None:
+        logger, _ = tracking.start_run(uri, experiment or cfg.mlflow.experiment, "word-alignment",
+                                       {"task": "align", tracking.CHECKPOINT_TAG: str(resolved)})
+        logger.log_params({"align.mrf_beta": result.beta, "split": split})
+        rid = logger.run_id
+        logger.log_metrics(result.metrics(), step=0)
+        logger.log_artifact(figure, "figures")
+        logger.log_artifact(out / "word_alignment.json", "eval")
+        logger.end("FINISHED")
+    else:
+        logger = tracking.RunLogger(uri, rid)
+        logger.log_metrics(result.metrics(), step=0)
+        logger.log_artifact(figure, "figures")
+        logger.log_artifact(out / "word_alignment.json", "eval")
+    log.info("word alignment (%s, %d words): argmax %.3f, MRF(beta=%g) %.3f, chance %.3f -> run %s",
+             split, result.words, result.acc_argmax, result.beta, result.acc_mrf, result.chance, rid)
+    return {"result": result, "run_id": rid, "figure": str(figure)}

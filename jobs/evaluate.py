@@ -1,0 +1,13 @@
+"""Ray job entrypoint: ``ray job submit --working-dir . -- python -m jobs.evaluate --checkpoint
+RUN_ID_OR_PATH [--split test] [--max-groups N] [--config configs/X.yaml] key=value ...``. The same
+code path as ``dvsa evaluate``: it joins the cluster through RAY_ADDRESS (set by ``ray job
+submit``), or starts a local Ray when run by hand."""
+
+from __future__ import annotations
+
+import sys
+
+from dvsa.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

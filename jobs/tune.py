@@ -1,0 +1,12 @@
+"""Ray job entrypoint: ``ray job submit --working-dir . -- python -m jobs.tune --config
+configs/tune_tiny.yaml key=value ...``. The same code path as ``dvsa tune``: it joins the cluster
+through RAY_ADDRESS (set by ``ray job submit``), or starts a local Ray when run by hand."""
+
+from __future__ import annotations
+
+import sys
+
+from dvsa.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))
