@@ -339,11 +339,19 @@ def write_snippet_shards(checkpoint: str, shards: str, out: str, *, splits: Sequ
         raise DvsaError(f"--beta must be >= 0, got {beta}")
     src_manifest = load_manifest(shards)
     todo = [s for s in splits if list_shards(shards, s)]
-    for s in ("train",):
-        if s in splits and s not in todo:
-            raise DataError(f"{shards}: no {s} shards ({s}-NNNNNN.tar)")
+    if "train" in splits and "train" not in todo:
+        raise DataError(f"{shards}: no train shards (train-NNNNNN.tar)")
     fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
+    skipped_splits = [s for s in splits if s not in todo]
+    if skipped_splits:
+        log.warning("snippets: %s has no %s shards: not aligned", shards, ", ".join(skipped_splits))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if not use_gpu and concurrency >= cpus > 1:
+        # every aligner actor holds a CPU: leave one for the read tasks, or the pipeline stalls
+        log.warning("snippets: %d aligner actors on a %d-CPU cluster would starve the readers; using %d",
+                    concurrency, cpus, cpus - 1)
+        concurrency = cpus - 1
 
     counts = {s: Counter() for s in todo}
     dropped = {"images": Counter(), "regions": Counter(), "sentences": Counter()}

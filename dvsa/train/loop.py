@@ -209,7 +209,7 @@ def run_worker(task: Task, config: dict) -> dict:
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                images += len(batch["images"])
+                images += len(batch["box_mask"])   # rows = images (also in feature mode, no "images")
                 window += loss.detach().float()
                 window_n += 1
                 if step % t.log_every == 0 or (max_steps and step >= max_steps):
