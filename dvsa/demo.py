@@ -32,7 +32,7 @@ class DemoOptions:
     out: Path
     images: int = 1200
     seed: int = 0
-    image_size: int = 96           # synthetic image side (pixels)
+    image_size: int = 128          # synthetic image side (pixels)
     config: Optional[Path] = None  # default configs/demo.yaml
     overrides: list = field(default_factory=list)
     num_cpus: Optional[int] = None

@@ -313,7 +313,8 @@ def test_resume_after_the_driver_is_killed(shards, tmp_path):
             "tune.space={train.lr: {grid: [0.004, 0.002]}}", "ray.num_cpus=2"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):   # not this module's Ray: the subprocess starts its own
+        env.pop(k, None)
     exp_dir = out / "rr" / "resume"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
