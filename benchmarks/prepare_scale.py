@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--work", default="/tmp/dvsa-bench")
     ap.add_argument("--num-cpus", type=int, default=2)
-    ap.add_argument("--chunk-images", type=int, default=2000)
+    ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--pixel-images", type=int, default=400)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--pixels-only", action="store_true", help="redo only the pixel-path part of an existing result")
