@@ -279,3 +279,30 @@ def test_caption_job_trains_with_two_workers_across_both_nodes(cluster, vg_shard
         assert key in run.data.metrics, (key, sorted(run.data.metrics))
     assert run.data.metrics["train/images_per_s"] > 0
     assert list((storage / "twonode").glob("checkpoint_*")), "no checkpoint in storage_path"
+
+
+def test_tune_job_via_ray_job_submit(cluster, vg_shards, tmp_path):
+    """`ray job submit -- python -m jobs.tune ...`: a 2-trial sweep on the cluster, one parent
+    MLflow run with a child run per trial, and a best config written."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    out = tmp_path / "out"
+    entry = ["python", "-m", "jobs.tune", "--config", "configs/tune_tiny.yaml", "--name", "twonode-sweep",
+             "tune.num_samples=2", "tune.search=random", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+             "tune.cpus_per_trial=0.5", "train.epochs=1", "train.log_every=1", f"data.shards={vg_shards}",
+             f"out={out}", f"train.storage_path={tmp_path / 'ray_results'}",
+             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=twonode-tune"]
+    res = cluster.submit(entry, "dvsa-twonode-tune", cwd=REPO,
+                         runtime_env=["--runtime-env", "cluster/runtime_env.yaml"])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:] + cluster.logs()
+    assert cluster.job_status("dvsa-twonode-tune") == "SUCCEEDED"
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["twonode-tune"], output_format="list")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    parents = {r.info.run_id for r in runs} - {r.info.run_id for r in children}
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.data.tags["mlflow.parentRunId"] in parents for r in children)
+    assert all("val/loss" in r.data.metrics for r in children)
+    assert (out / "sweeps" / "twonode-sweep" / "best_config.yaml").is_file()
