@@ -9,13 +9,6 @@ from dvsa.config import Config
 from dvsa.errors import DataError
 from dvsa.models.alignment import AlignmentModel, ranking_loss, score_eq7, score_eq8
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -13,12 +13,6 @@ from dvsa.experiments.baselines import (format_markdown, nn_baseline_predictions
                                         score_predictions_local, snippet_candidates, table4_rows)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_rank_snippets_mean_vs_sum_and_chunks():

@@ -16,13 +16,6 @@ from dvsa.models.optim import build_optimizer, clip_gradients
 
 START, END = 1, 2
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -14,13 +14,6 @@ from dvsa.models.decoding import beam_search, decode, greedy, sample
 PAD, START, END = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _captioner(cell: str, V: int, seed: int) -> Captioner:

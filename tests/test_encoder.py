@@ -15,13 +15,6 @@ from dvsa.errors import DvsaError
 from dvsa.models.encoder import (ImageEncoder, boxes_from_padded, build_encoder,
                                  full_image_boxes)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

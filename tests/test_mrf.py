@@ -9,13 +9,6 @@ import torch
 
 from dvsa.models.mrf import alignment_energy, snippets, viterbi_align
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

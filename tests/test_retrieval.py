@@ -13,13 +13,6 @@ from dvsa.evaluation.retrieval import (fold_metrics, metrics_from_ranks, model_s
 from dvsa.models.alignment import AlignmentModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _brute_force(S: torch.Tensor, sent_img: list[int]) -> dict[str, float]:

@@ -15,12 +15,6 @@ from dvsa.experiments.snippets import (align_sentences, alignment_boxes, alignme
 from dvsa.models.alignment import AlignmentModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Vocab:

@@ -13,12 +13,6 @@ from dvsa.experiments.word_alignment import (accuracy, chance_hit_rate, load_tru
                                              true_boxes_in_frame, word_hits)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 FULL = [0, 0, 100, 100]
