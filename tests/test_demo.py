@@ -30,11 +30,12 @@ def test_demo_runs_every_step_and_records_the_runs(tmp_path):
     assert 0.0 <= res.metrics["align"]["align/word_acc_mrf"] <= 1.0
     assert "retrieval/i2t_r1" in res.metrics["align"]
     # the runs, their metrics and the pictures are where the demo says
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
-    assert set(res.runs.values()) <= set(runs["run_id"])
-    region = runs[runs["run_id"] == res.runs["region"]].iloc[0]
-    assert region["metrics.region/METEOR"] == pytest.approx(res.metrics["region"]["region/METEOR"])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")  # no global MLflow state
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    assert set(res.runs.values()) <= set(runs)
+    region = runs[res.runs["region"]]
+    assert region.data.metrics["region/METEOR"] == pytest.approx(res.metrics["region"]["region/METEOR"])
     assert (out / "compare" / "compare.md").is_file()
     assert list((out / "search").glob("*.png")) and (out / "pictures" / "fig5_alignment.png").is_file()
     summary = json.loads((out / "demo.json").read_text())
