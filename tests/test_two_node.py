@@ -156,7 +156,11 @@ class TwoNodeCluster:
             "head.log",
         )
         self._wait_nodes(1)
-        self._ray_start([f"--address=127.0.0.1:{self.gcs_port}"], "worker.log")
+        # A temp dir of the worker node's own: two raylets on one machine sharing one would
+        # both unpack the job's working_dir package into the same runtime_resources folder,
+        # and one's unpacking races the other's imports (seen as a ModuleNotFoundError).
+        self._ray_start([f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.tmp / 'ray-worker'}"],
+                        "worker.log")
         self._wait_nodes(2)
 
     def api(self, path: str, token: str | None = "own") -> dict:
