@@ -233,7 +233,9 @@ def _checks(res: DemoResult) -> None:
               f"{reg.get('region/attr_acc', 0):.1%}", reg.get("region/attr_acc", 0) >= 0.95))
     c.append(("word-to-region accuracy after MRF >= 0.85",
               f"{al.get('align/word_acc_mrf', 0):.3f} (argmax {al.get('align/word_acc_argmax', 0):.3f}, "
-              f"chance {al.get('align/word_acc_chance', 0):.3f})", al.get("align/word_acc_mrf", 0) >= 0.85))
+              f"chance {al.get('align/word_acc_chance', 0):.3f}; "
+              f"{al.get('align/word_no_evidence', 0):.0%} of object words carry no evidence)",
+              al.get("align/word_acc_mrf", 0) >= 0.85))
     r1 = al.get("retrieval/i2t_r1", 0.0)
     n = al.get("retrieval/images", 0.0) or 0.0
     chance = 100.0 / n if n else 1.0

@@ -127,3 +127,33 @@ def test_evaluate_logs_to_the_alignment_run(tmp_path, synth_world, world_shards,
     arts = [a.path for a in tracking.client(uri).list_artifacts(logger.run_id, "figures")]
     assert arts == ["figures/fig5_alignment.png"]
     assert (tmp_path / "o" / "word_alignment.json").is_file()
+
+
+def test_no_evidence_marks_words_whose_scores_tie_over_the_usable_boxes():
+    from dvsa.experiments.word_alignment import no_evidence
+
+    unary = torch.tensor([[0.0, 0.0, 0.0, 5.0],      # ties over the 3 usable boxes (box 3 is padding)
+                          [1.0, 2.0, 1.0, 1.0],      # prefers box 1
+                          [3.0, 3.0, 3.0, -9.0],     # a tie at a non-zero score
+                          [1e4, 1e4 + 0.5, 1e4, 0]])  # a real preference on a larger scale
+    mask = torch.tensor([True, True, True, False])
+    assert no_evidence(unary, mask).tolist() == [True, False, True, False]
+
+
+def test_dead_words_are_counted_as_carrying_no_evidence(tmp_path, synth_world, world_shards):
+    """A sentence encoder whose eq. 6 output is ReLU-dead for every word: s_t = 0, every score
+    ties, and the evaluation says so (overall and per role) instead of crediting a tie-break."""
+    from dvsa.experiments.word_alignment import word_alignment_accuracy
+    from dvsa.train.checkpoints import load_trained
+
+    model, vocab, cfg = load_trained(str(_checkpoint(tmp_path, world_shards)))
+    truth = load_truth(synth_world)
+    alive = word_alignment_accuracy(model, vocab, cfg, str(world_shards), truth, "test")
+    assert alive.no_evidence < 0.5
+    with torch.no_grad():
+        model.sentence.W_d.weight.zero_()
+        model.sentence.W_d.bias.fill_(-1.0)          # f(W_d(...) + b_d) = ReLU(-1) = 0
+    dead = word_alignment_accuracy(model, vocab, cfg, str(world_shards), truth, "test")
+    assert dead.no_evidence == 1.0
+    assert all(r["no_evidence"] == 1.0 for r in dead.by_role.values())
+    assert dead.metrics()["align/word_no_evidence"] == 1.0

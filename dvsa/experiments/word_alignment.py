@@ -45,7 +45,8 @@ class WordAlignmentResult:
     words: int                      # object-naming words scored
     sentences: int
     images: int
-    by_role: dict = field(default_factory=dict)   # role -> {"argmax": acc, "mrf": acc, "words": n}
+    no_evidence: float = 0.0        # fraction of object words whose scores v_i^T s_t tie over every box
+    by_role: dict = field(default_factory=dict)   # role -> {"argmax", "mrf", "no_evidence", "words"}
     skipped: dict = field(default_factory=dict)   # reason -> count (images or sentences not scored)
 
     def metrics(self) -> dict[str, float]:
@@ -53,9 +54,11 @@ class WordAlignmentResult:
         m = {f"{METRIC_PREFIX}word_acc_argmax": self.acc_argmax, f"{METRIC_PREFIX}word_acc_mrf": self.acc_mrf,
              f"{METRIC_PREFIX}word_acc_chance": self.chance,
              f"{METRIC_PREFIX}word_acc_chance_proposals": self.chance_proposals,
-             f"{METRIC_PREFIX}word_acc_words": float(self.words)}
+             f"{METRIC_PREFIX}word_acc_words": float(self.words),
+             f"{METRIC_PREFIX}word_no_evidence": self.no_evidence}
         for role, r in self.by_role.items():
             m[f"{METRIC_PREFIX}word_acc_mrf_{role}"] = r["mrf"]
+            m[f"{METRIC_PREFIX}word_no_evidence_{role}"] = r["no_evidence"]
         return m
 
     def as_dict(self) -> dict:
@@ -84,6 +87,18 @@ def chance_hit_rate(boxes: Sequence[Sequence[float]], true_box: Sequence[float],
     if not boxes:
         return 0.0
     return sum(iou(b, true_box) >= threshold for b in boxes) / len(boxes)
+
+
+def no_evidence(unary_row: torch.Tensor, region_mask: torch.Tensor, rel_tol: float = 1e-6) -> torch.Tensor:
+    """bool[N]: the words whose scores over the usable boxes all tie (``s_t = 0`` after the
+    ReLU of eq. 6, typically): the word carries no evidence for any box, its argmax is an
+    arbitrary tie-break and only the MRF's smoothing places it.
+
+    unary_row float[N, M] (``v_i^T s_t``), region_mask bool[M]."""
+    u = unary_row[:, region_mask]                                    # [N, M']
+    spread = u.max(dim=1).values - u.min(dim=1).values
+    scale = u.abs().max(dim=1).values.clamp(min=1.0)
+    return spread <= rel_tol * scale
 
 
 def accuracy(hits: Sequence[bool]) -> float:
@@ -140,7 +155,7 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
     from dvsa.models.mrf import viterbi_align
 
     beta = float(cfg.align.mrf_beta if beta is None else beta)
-    hits = {"argmax": [], "mrf": []}
+    hits = {"argmax": [], "mrf": [], "no_evidence": []}
     roles: dict[str, dict[str, list]] = {}
     chance, chance_prop = [], []
     skipped: Counter = Counter()
@@ -176,12 +191,18 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
         sent_img_t = torch.tensor(sent_img, dtype=torch.long)
         a_mrf, unary = align_sentences(model, v, vm, sent_img_t, tokens, lengths, beta)
         a_arg = viterbi_align(unary, lengths, vm[sent_img_t], 0.0)
+        vm_l = vm[sent_img_t]
         for k, (boxes, ts, true_boxes) in enumerate(info):
+            role_of = ts.get("roles") or ["other"] * len(ts["objects"])
             for name, assign in (("argmax", a_arg), ("mrf", a_mrf)):
                 for t, ok in word_hits(assign[k].tolist(), boxes, ts["objects"], true_boxes):
                     hits[name].append(ok)
-                    role = (ts.get("roles") or ["other"] * len(ts["objects"]))[t]
-                    roles.setdefault(role, {"argmax": [], "mrf": []})[name].append(ok)
+                    roles.setdefault(role_of[t], {"argmax": [], "mrf": [], "no_evidence": []})[name].append(ok)
+            flat = no_evidence(unary[k, :len(ts["objects"])], vm_l[k]).tolist()
+            for t, o in enumerate(ts["objects"]):
+                if o >= 0:
+                    hits["no_evidence"].append(flat[t])
+                    roles[role_of[t]]["no_evidence"].append(flat[t])
             for o in ts["objects"]:
                 if o >= 0:
                     chance.append(chance_hit_rate(boxes, true_boxes[o]))
@@ -227,7 +248,9 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
         acc_argmax=accuracy(hits["argmax"]), acc_mrf=accuracy(hits["mrf"]),
         chance=sum(chance) / len(chance), chance_proposals=sum(chance_prop) / len(chance_prop), beta=beta,
         words=len(hits["mrf"]), sentences=n_sentences, images=n_images,
-        by_role={r: {"argmax": accuracy(h["argmax"]), "mrf": accuracy(h["mrf"]), "words": len(h["mrf"])}
+        no_evidence=accuracy(hits["no_evidence"]),
+        by_role={r: {"argmax": accuracy(h["argmax"]), "mrf": accuracy(h["mrf"]),
+                     "no_evidence": accuracy(h["no_evidence"]), "words": len(h["mrf"])}
                  for r, h in sorted(roles.items())},
         skipped=dict(skipped))
 
@@ -305,6 +328,7 @@ def evaluate_word_alignment(checkpoint: str, world: str, shards: str, *, split: 
         logger.log_metrics(result.metrics(), step=0)
         logger.log_artifact(figure, "figures")
         logger.log_artifact(out / "word_alignment.json", "eval")
-    log.info("word alignment (%s, %d words): argmax %.3f, MRF(beta=%g) %.3f, chance %.3f -> run %s",
-             split, result.words, result.acc_argmax, result.beta, result.acc_mrf, result.chance, rid)
+    log.info("word alignment (%s, %d words): argmax %.3f, MRF(beta=%g) %.3f, chance %.3f, "
+             "no evidence %.3f -> run %s", split, result.words, result.acc_argmax, result.beta, result.acc_mrf,
+             result.chance, result.no_evidence, rid)
     return {"result": result, "run_id": rid, "figure": str(figure)}
