@@ -137,6 +137,7 @@ def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: in
     import torch
 
     from dvsa.train import common
+    from dvsa.models.optim import clip_gradients
     from dvsa.train.build import build_model
     from dvsa.train.caption import caption_batch_loss
 
@@ -163,7 +164,7 @@ def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: in
             loss = caption_batch_loss(model, batch, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        common.clip_gradients(params, cfg.train.grad_clip)
+        clip_gradients(params, cfg.train.grad_clip, cfg.train.grad_clip_mode)
         optimizer.step()
         if cuda:
             torch.cuda.synchronize(device)

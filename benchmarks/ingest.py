@@ -10,12 +10,16 @@ loop torch batches of B rows. Arms:
   ray_pil           build_dataset (read_webdataset(decoder=None) -> map_batches tasks, PIL draft)
                     -> iter_train_batches (local shuffle buffer off)
   ray_torchvision   the same with torchvision.io.decode_jpeg + v2 resize
-  ray_actors        the same as ray_pil with an actor pool of C-1 decoders (reads need a CPU)
+  ray_actors        the same as ray_pil with an actor pool of C decoders (the read is fused
+                    into the actors, so it needs no CPU of its own)
 
 Each arm's pipeline object is built once and iterated once per pass, as epochs are (the
 DataLoader with persistent workers, the Ray Dataset as a TorchTrainer holds it). All arms run
 in one process run, interleaved (rep 1: every arm, rep 2: every arm, ...), after
 one warm-up pass each, so that load from other processes on the machine hits all arms alike.
+Caveat (measured): with ray_actors in the run, the other Ray arms' first batch takes 1.5-3 s,
+without it 0.3-0.4 s; a 2 s pause between arms did not help (likely the worker processes the
+actor pool leaves behind each pass, rebuilt on demand). Compare task arms with --arms too.
 Ray is started with num_cpus=C; the DataLoader uses C worker processes.
 
     .venv/bin/python benchmarks/ingest.py [--images 960] [--size 224] [--cpus 2] [--reps 3]
@@ -189,9 +193,8 @@ def main() -> int:
         cfgs = {
             "ray_pil": Config().replace(**base),
             "ray_torchvision": Config().replace(**base, **{"data.jpeg_decoder": "torchvision"}),
-            # an actor holds its CPU for the whole run: leave one for the read tasks
-            "ray_actors": Config().replace(**{**base, "data.decode_concurrency": max(1, args.cpus - 1),
-                                              "data.decode_pool": "actors"}),
+            # the read runs inside the actors (fused): all C CPUs decode
+            "ray_actors": Config().replace(**{**base, "data.decode_pool": "actors"}),
         }
         spec = IngestSpec(task="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
         ray.init(num_cpus=args.cpus, include_dashboard=False, _temp_dir=os.path.join(work, "ray"),

@@ -76,6 +76,7 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
     import torch
 
     from dvsa.train import common
+    from dvsa.models.optim import clip_gradients
     from dvsa.train.caption import caption_batch_loss
 
     device = torch.device("cpu")
@@ -90,7 +91,7 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
             loss = caption_batch_loss(model, batch, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        common.clip_gradients(params, cfg.train.grad_clip)
+        clip_gradients(params, cfg.train.grad_clip, cfg.train.grad_clip_mode)
         opt.step()
         if report is not None and report_every and (i + 1) % report_every == 0:
             report({"step": i + 1, "train/loss": float(loss)})

@@ -45,7 +45,7 @@ class DataConfig:
     batch_size: int = 32
     val_batch_size: int = 64
     decode_concurrency: int = 1     # Ray Data map_batches workers for JPEG decode
-    decode_batch_size: int = 32     # rows per map_batches call
+    decode_batch_size: int = 32     # rows per decoded chunk = per Ray Data output block
     prefetch_batches: int = 2
     max_val_images: int = 200       # cap on validation images (METEOR subset)
     features: Optional[str] = None  # precomputed frozen-CNN feature shards (dvsa features)
@@ -77,6 +77,7 @@ class AlignConfig:
     loss: Literal["sum", "hardest"] = "sum"  # eq. 9 sum over violators, or VSE++ hardest negative
     margin: float = 1.0
     mrf_beta: float = 1.0
+    whole_image: bool = True        # the whole image is a candidate region (paper: it + 19 detections)
 
 
 @dataclass
@@ -98,7 +99,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
     momentum: float = 0.9
-    grad_clip: float = 5.0          # element-wise clip value (0 disables)
+    grad_clip: float = 5.0          # clip value (0 disables)
+    grad_clip_mode: Literal["value", "norm"] = "value"  # per element (the paper's RNN) or the global norm
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"
     num_workers: int = 1
     use_gpu: bool = False

@@ -175,3 +175,18 @@ def test_build_optimizer_and_elementwise_clipping():
     assert lin.bias.grad.tolist() == [-1.0, 1.0]
     clip_gradients(lin, 0.0)  # disabled: unchanged
     assert lin.bias.grad.tolist() == [-1.0, 1.0]
+
+
+def test_norm_clipping_keeps_the_direction():
+    """train.grad_clip_mode=norm: grads (3, 4) and (0, 12) have global norm 13; clipped at 6.5
+    each element is halved (value clipping would cut 12 to 6.5 and leave 3 and 4)."""
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
+    clip_gradients([a, b], 6.5, "norm")
+    assert a.grad.tolist() == pytest.approx([1.5, 2.0]) and b.grad.tolist() == pytest.approx([0.0, 6.0])
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
+    clip_gradients([a, b], 6.5, "value")
+    assert a.grad.tolist() == [3.0, 4.0] and b.grad.tolist() == [0.0, 6.5]
+    with pytest.raises(ValueError, match="grad_clip_mode"):
+        clip_gradients([a, b], 1.0, "elementwise")

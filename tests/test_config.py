@@ -46,6 +46,8 @@ def test_override_applies_and_coerces(tmp_path):
         (["caption.mode=pixel"], "caption.mode: 'pixel' is not one of 'fullframe', 'region'"),
         (["train.lr"], "is not of the form key=value"),
         (["data.max_len=2"], "data.max_len: must be >= 3"),
+        (["train.grad_clip_mode=elementwise"], "train.grad_clip_mode: 'elementwise' is not one of 'value', 'norm'"),
+        (["align.whole_image=sometimes"], "align.whole_image: expected true or false"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -13,7 +13,7 @@ from PIL import Image
 from dvsa.config import Config
 from dvsa.data.shards import ShardWriter
 from dvsa.ingest import build_dataset, decode_resize, iter_eval_batches, iter_train_batches, scale_boxes
-from dvsa.ingest.builder import BatchBuilder, IngestSpec
+from dvsa.ingest.builder import BatchBuilder, ChunkedBatchBuilder, IngestSpec
 from dvsa.text import END, START, UNK, Vocab
 
 S = 40  # data.image_size in these tests
@@ -148,6 +148,32 @@ def test_builder_align_proposals_first_image_then_boxes():
     assert out["lengths"].tolist() == [3, 3]
 
 
+def test_chunked_builder_yields_chunks_like_the_batch_builder():
+    spec = IngestSpec(task="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
+    good = _jpeg(200, 100)
+    samples = [(f"k{i}", good[:50] if i == 2 else good, _meta(i, 200, 100)) for i in range(7)]
+    counter = _ListCounter()
+    chunks = list(ChunkedBatchBuilder(spec, VOCAB, counter, chunk=3)(_raw_batch(samples)))
+    # rows 0-2 (2 corrupt), 3-5, 6: chunk by chunk, each as BatchBuilder builds it
+    assert [c["image_id"].tolist() for c in chunks] == [[0, 1], [3, 4, 5], [6]]
+    whole = BatchBuilder(spec, VOCAB)(_raw_batch(samples))
+    for k, v in whole.items():
+        np.testing.assert_array_equal(np.concatenate([c[k] for c in chunks]), v)
+    assert counter.counts == {"corrupt_image": 1}
+    # every row skipped: one empty batch with the full schema (Ray Data keeps the columns)
+    empty = list(ChunkedBatchBuilder(spec, VOCAB, chunk=3)(_raw_batch([("k9", good[:50], _meta(9, 200, 100))])))
+    assert len(empty) == 1 and set(empty[0]) == set(whole) and empty[0]["images"].shape == (0, 3, S, S)
+    with pytest.raises(ValueError):
+        ChunkedBatchBuilder(spec, VOCAB, chunk=0)
+
+
+def test_row_bytes_matches_a_built_row():
+    for task, rows in (("caption_region", 2), ("align", 3)):
+        spec = IngestSpec(task=task, image_size=S, rows=rows, max_len=5, randomize=False)
+        out = BatchBuilder(spec, VOCAB)(_raw_batch([("k0", _jpeg(64, 64), _meta(0, 64, 64))]))
+        assert spec.row_bytes == sum(v.nbytes for v in out.values())
+
+
 # --------------------------------------------------------------------------- on Ray
 
 
@@ -165,6 +191,29 @@ def test_caption_region_dataset_shapes_and_skip_counts(ray_local, shards):
     assert rows["boxes"].shape == (n, 2, 4) and rows["inputs"].shape == (n, 2, 5)
     assert rows["inputs"].dtype == np.int64 and rows["box_mask"].dtype == bool
     assert ds.dvsa_skips.counts() == {"corrupt_image": 1, "no_region_caption": 1}
+
+
+def _plan_and_blocks(ds):
+    """(the fused operator names of the executed plan, rows of every output block)."""
+    sizes = [len(b["image_id"]) for b in ds.iter_batches(batch_size=None)]
+    return [l.split(":")[0] for l in ds.stats().splitlines() if l.startswith("Operator ")], sizes
+
+
+@pytest.mark.parametrize("pool", ["tasks", "actors"])
+def test_read_and_decode_fuse_into_one_task_streaming_chunks(ray_local, shards, pool):
+    # 12 train shards >= 2 decode slots: one fused read+decode operator, blocks of at most
+    # data.decode_batch_size (4) rows, every row there
+    cfg = _cfg(**{"data.decode_concurrency": 2, "data.decode_pool": pool})
+    ds = build_dataset(shards, "train", "caption", cfg, VOCAB, seed=3)
+    ops, sizes = _plan_and_blocks(ds)
+    assert len(ops) == 1 and "ReadWebDataset->MapBatches(ChunkedBatchBuilder)" in ops[0], ops
+    assert sum(sizes) == 22 and max(sizes) <= 4
+    # one val shard < 2 slots: tasks split the read into blocks decoded by separate map tasks;
+    # actors still fuse (2 actors on 2 CPUs would starve separate read tasks); in order
+    ds = build_dataset(shards, "val", "caption", cfg, VOCAB, seed=0)
+    ops, sizes = _plan_and_blocks(ds)
+    assert len(ops) == (1 if pool == "actors" else 2) and sum(sizes) == 6 and max(sizes) <= 4, ops
+    assert [int(i) for b in iter_eval_batches(ds, batch_size=4) for i in b["image_id"]] == list(range(100, 106))
 
 
 def test_fullframe_and_align_datasets(ray_local, shards):

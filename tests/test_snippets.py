@@ -114,6 +114,36 @@ def test_alignment_boxes_follow_training_ingest():
     assert alignment_boxes(no_props, 8) == [[0, 0, 100, 80], [0, 0, 9, 9]]
 
 
+def test_without_the_whole_image_training_and_alignment_see_the_same_proposals():
+    """align.whole_image=false: up to M proposals, no whole-image box (unless there is no
+    other box), and the training batch holds exactly the boxes the MRF later aligns to."""
+    import numpy as np
+
+    from dvsa.ingest.builder import BatchBuilder, IngestSpec
+    from dvsa.text import Vocab
+
+    meta = {"width": 100, "height": 80, "proposals": [[1, 2, 30, 40], [5, 5, 5, 9], [50, 20, 90, 60]],
+            "regions": [], "sentences": [{"tokens": ["x"]}]}
+    assert alignment_boxes(meta, 8, whole_image=False) == [[1, 2, 30, 40], [50, 20, 90, 60]]
+    assert alignment_boxes(meta, 1, whole_image=False) == [[1, 2, 30, 40]]
+    bare = {"width": 100, "height": 80}
+    assert alignment_boxes(bare, 8, whole_image=False) == [[0, 0, 100, 80]]
+
+    from PIL import Image
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 80)).save(buf, "JPEG")
+    vocab = Vocab.build({"x": 3}, 1, 1)
+    for whole in (True, False):
+        spec = IngestSpec(task="align", image_size=50, rows=4, max_len=8, randomize=False, whole_image=whole)
+        out = BatchBuilder(spec, vocab)({"__key__": np.array(["k"]), "jpg": np.array([buf.getvalue()], dtype=object),
+                                                   "json": np.array([json.dumps(meta).encode()], dtype=object)})
+        want = [[v * 0.5 if i % 2 == 0 else v * 50 / 80 for i, v in enumerate(b)]
+                for b in alignment_boxes(meta, 4, whole_image=whole)]
+        got = out["boxes"][0][out["box_mask"][0].astype(bool)].tolist()
+        assert np.allclose(got, want) and len(got) == (3 if whole else 2)
+
+
 # --------------------------------------------------------------------------- the Ray Data job
 
 

@@ -38,10 +38,11 @@ class EmbeddedSplit:
     skipped: dict = field(default_factory=dict)     # images skipped, by reason
 
 
-def _image_boxes(meta: dict, max_regions: int, width: int, height: int) -> list[list[float]]:
+def _image_boxes(meta: dict, max_regions: int, width: int, height: int,
+                 whole_image: bool = True) -> list[list[float]]:
     from dvsa.ingest.samples import box_of, select
 
-    sel = select("align", meta, max_regions, None)
+    sel = select("align", meta, max_regions, None, whole_image=whole_image)
     return [box_of(meta, kind, idx, width, height) for kind, idx in sel.boxes]
 
 
@@ -113,7 +114,7 @@ def _batches(shards: str, split: str, cfg, vocab, per_image: int, max_images: Op
             continue
         try:
             img, (w, h) = decode_resize(jpg, cfg.data.image_size, cfg.data.jpeg_decoder)
-            raw_boxes = _image_boxes(meta, cfg.data.max_regions, w, h)
+            raw_boxes = _image_boxes(meta, cfg.data.max_regions, w, h, cfg.align.whole_image)
         except CorruptImage:
             skipped["corrupt_image" if jpg else "missing_image"] += 1
             continue

@@ -52,17 +52,18 @@ DEFAULT_SHARD_BYTES = 128 * 2**20
 # --------------------------------------------------------------------------- pure pieces
 
 
-def alignment_boxes(meta: dict, max_regions: int) -> list[list[float]]:
+def alignment_boxes(meta: dict, max_regions: int, whole_image: bool = True) -> list[list[float]]:
     """The boxes the alignment model scores for this sample, in pixels of the stored JPEG:
     the whole image, then up to ``max_regions - 1`` proposals (the region boxes when there are
-    none): the same choice as training ingest (:func:`dvsa.ingest.samples.select`)."""
+    none), or with ``whole_image=False`` (``align.whole_image``) the proposals only: the same
+    choice as training ingest (:func:`dvsa.ingest.samples.select`)."""
     from dvsa.ingest.samples import Skip, box_of, select
 
     width, height = int(meta["width"]), int(meta["height"])
     probe = dict(meta)
     probe["sentences"] = [{"tokens": ["x"]}]     # select() needs a sentence; boxes do not depend on it
     try:
-        sel = select("align", probe, max_regions, None)
+        sel = select("align", probe, max_regions, None, whole_image=whole_image)
     except Skip:  # pragma: no cover - the probe sentence makes this unreachable
         return [[0.0, 0.0, float(width), float(height)]]
     return [[float(v) for v in box_of(meta, kind, idx, width, height)] for kind, idx in sel.boxes]
@@ -232,7 +233,7 @@ class SnippetAligner:
                 out["dropped"][i] = "no_sentence"
             else:
                 try:
-                    boxes = alignment_boxes(meta, self.cfg.data.max_regions)
+                    boxes = alignment_boxes(meta, self.cfg.data.max_regions, self.cfg.align.whole_image)
                 except (KeyError, TypeError, ValueError, IndexError):
                     out["dropped"][i] = "bad_json"
                 else:
@@ -474,7 +475,7 @@ def alignment_figure(model, vocab, cfg, jpg: bytes, meta: dict, path: str | Path
     if not 0 <= sentence < len(sents):
         raise DataError(f"image {meta.get('image_id')}: no sentence {sentence} (it has {len(sents)})")
     beta = float(cfg.align.mrf_beta if beta is None else beta)
-    boxes = alignment_boxes(meta, cfg.data.max_regions)
+    boxes = alignment_boxes(meta, cfg.data.max_regions, cfg.align.whole_image)
     v, v_mask = embed_images(model, [jpg], [boxes], cfg.data.image_size, cfg.data.jpeg_decoder)
     toks = list(sents[sentence]["tokens"])
     tokens, lengths = encode_sentences(vocab, [toks])

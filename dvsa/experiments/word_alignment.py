@@ -9,8 +9,9 @@ overlaps o's true box at IoU >= 0.5. Two alignments are scored from the same una
 - ``mrf``: Viterbi with ``align.mrf_beta`` (eq. 10-12), the snippets used for training.
 
 Chance is the expected accuracy of a box drawn uniformly among the candidates the model
-chooses from (the whole image + proposals): ``align/word_acc_chance``; drawn among the
-proposals only: ``align/word_acc_chance_proposals`` (the figure a detector-only baseline
+chooses from (the whole image + proposals, or the proposals only with
+``align.whole_image=false``): ``align/word_acc_chance``; drawn among the proposals only:
+``align/word_acc_chance_proposals`` (the figure a detector-only baseline
 would quote). No real dataset can give these numbers; the synthetic world can.
 """
 
@@ -206,7 +207,8 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
             for o in ts["objects"]:
                 if o >= 0:
                     chance.append(chance_hit_rate(boxes, true_boxes[o]))
-                    chance_prop.append(chance_hit_rate(boxes[1:], true_boxes[o]))
+                    props = boxes[1:] if cfg.align.whole_image else boxes
+                    chance_prop.append(chance_hit_rate(props, true_boxes[o]))
         n_images += len(batch)
         n_sentences += len(info)
         batch.clear()
@@ -234,7 +236,7 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
         if not pairs:
             skipped["no_sentence"] += 1
             continue
-        boxes = alignment_boxes(meta, cfg.data.max_regions)
+        boxes = alignment_boxes(meta, cfg.data.max_regions, cfg.align.whole_image)
         batch.append((jpg, boxes, pairs, true_boxes_in_frame(t, int(meta["width"]), int(meta["height"]))))
         if len(batch) >= batch_size:
             flush(batch)

@@ -1,7 +1,8 @@
 """Ray Data ingest: WebDataset shards -> fixed-shape numpy batches for the train loops.
 
 ``read_webdataset(decoder=None)`` (raw bytes only; Ray's default decoder would pickle the json)
--> ``map_batches(BatchBuilder)`` that decodes each JPEG at reduced size, resizes it to
+-> ``map_batches(ChunkedBatchBuilder)`` (fused with the read: one task per group of shards)
+that decodes each JPEG at reduced size, resizes it to
 ``data.image_size``, maps boxes into the resized frame, picks captions and encodes them with
 the stored vocabulary -> fixed-shape columns (see docs/architecture.md, "Batches from ingest
 to the train loops", and docs/ingest.md).

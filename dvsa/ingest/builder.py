@@ -46,11 +46,20 @@ class IngestSpec:
     decoder: str = "pil"
     features: bool = False    # rows come from feature shards (KEY.npy) instead of JPEGs
     feat_dim: int = 0         # feature mode: D
+    whole_image: bool = True  # align: the whole image is a candidate box (align.whole_image)
 
     @property
     def token_len(self) -> int:
         """T of the token columns: max_len - 1 for caption inputs/targets, max_len words for align."""
         return self.max_len if self.task == "align" else self.max_len - 1
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one output row (every column), to size Ray Data blocks in rows."""
+        n, t = self.rows, self.token_len
+        payload = n * self.feat_dim * 4 if self.features else 3 * self.image_size ** 2
+        tokens = (t + 1) * 8 if self.task == "align" else 2 * n * t * 8
+        return payload + n * 4 * 4 + n + tokens + 8
 
 
 def _pass_index() -> int:
@@ -127,7 +136,7 @@ class BatchBuilder:
             raise Skip("bad_json", "not an object")
         rng = (np.random.default_rng([spec.seed, spec.epoch + pass_idx, zlib.crc32(key.encode())])
                if spec.randomize else None)
-        sel = select(spec.task, meta, spec.rows, rng)
+        sel = select(spec.task, meta, spec.rows, rng, whole_image=spec.whole_image)
         row: dict = {"image_id": _image_id(meta, key)}
         if spec.features:
             feats = _load_npy(payload)
@@ -190,6 +199,33 @@ class BatchBuilder:
             out["inputs"] = np.zeros((0, n, t), np.int64)
             out["targets"] = np.zeros((0, n, t), np.int64)
         return out
+
+
+class ChunkedBatchBuilder(BatchBuilder):
+    """The ``map_batches`` callable of :func:`dvsa.ingest.build_dataset`: takes a whole read
+    block (up to 512 samples of a shard, read in the same task when Read and MapBatches fuse)
+    and yields it as
+    output batches of at most ``chunk`` rows, each built as soon as its rows are decoded, so
+    that Ray Data can hand every chunk on as its own block (the dataset's
+    ``target_max_block_size`` is set just under one chunk) instead of holding the whole
+    shard. Skips are counted per chunk, as in :class:`BatchBuilder`."""
+
+    def __init__(self, spec: IngestSpec, vocab, counter: Optional[SkipCounter] = None, chunk: int = 32):
+        super().__init__(spec, vocab, counter)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.chunk = int(chunk)
+
+    def __call__(self, batch: dict):
+        n = len(batch["__key__"])
+        yielded = False
+        for start in range(0, n, self.chunk):
+            out = BatchBuilder.__call__(self, {k: v[start:start + self.chunk] for k, v in batch.items()})
+            if len(out["image_id"]):
+                yielded = True
+                yield out
+        if not yielded:                  # every row skipped: one empty batch keeps the schema
+            yield self.empty()
 
 
 def _load_npy(data: bytes) -> np.ndarray:

@@ -18,11 +18,16 @@ import zlib
 from typing import Optional
 
 from dvsa.errors import DataError
-from dvsa.ingest.builder import BatchBuilder, IngestSpec
+from dvsa.ingest.builder import ChunkedBatchBuilder, IngestSpec
 from dvsa.ingest.counter import SkipCounter
 from dvsa.ingest.samples import TASKS
 
 FEATURES_MANIFEST = "features.json"
+# Fused read+decode tasks per decode slot (data.decode_concurrency): enough for the slots to
+# balance at the end of a pass, few enough that tiny shards do not pay a task start each
+# (960 benchmark images in 16 shards, 2 slots: 1 task/slot 461-468 rows/s, 2: 516-546,
+# 4: 486-492, 8 (one per shard): 415-421; DataLoader full decode 567-603 in the same run).
+READ_TASKS_PER_SLOT = 2
 
 
 def resolve_task(task: str, cfg) -> str:
@@ -89,7 +94,8 @@ def build_dataset(shards_root_or_url: str, split: str, task: str, cfg, vocab, *,
     random draws of regions/sentences, different every pass. ``skip_counter`` (created when
     None) counts skipped samples; it is also available as ``dataset.dvsa_skips``.
     ``preserve_order``: rows come out in read order (reproducible order across runs, at some
-    throughput cost when one task is slow).
+    throughput cost when one task is slow); always on for an unshuffled dataset (validation,
+    test), whose batches would otherwise come out of Ray Data's format threads in any order.
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -110,21 +116,45 @@ def build_dataset(shards_root_or_url: str, split: str, task: str, cfg, vocab, *,
     paths = dataset_paths(root, split)
     spec = IngestSpec(task=task, image_size=cfg.data.image_size, rows=rows_per_image(task, cfg),
                       max_len=cfg.data.max_len, seed=int(seed), epoch=int(epoch), randomize=shuffle,
-                      decoder=cfg.data.jpeg_decoder, features=bool(features), feat_dim=feat_dim)
+                      decoder=cfg.data.jpeg_decoder, features=bool(features), feat_dim=feat_dim,
+                      whole_image=bool(cfg.align.whole_image))
     counter = skip_counter if skip_counter is not None else SkipCounter()
 
     file_shuffle = FileShuffleConfig(seed=mix_seed(seed, epoch), reseed_after_execution=True) if shuffle else None
-    ds = ray.data.read_webdataset(paths, decoder=None, suffixes=suffixes, shuffle=file_shuffle)
-    if preserve_order:
-        ds.context.execution_options.preserve_order = True
     n = cfg.data.decode_concurrency
-    if cfg.data.decode_pool == "actors":
-        ds = ds.map_batches(BatchBuilder, fn_constructor_args=(spec, vocab, counter),
-                            batch_size=cfg.data.decode_batch_size, batch_format="numpy",
-                            concurrency=n, zero_copy_batch=True)
+    chunk = cfg.data.decode_batch_size
+    actors = cfg.data.decode_pool == "actors"
+    # Read and decode in one task (see docs/ingest.md "Throughput"): Ray Data fuses
+    # Read -> MapBatches only when the read is not split into more blocks than files
+    # (override_num_blocks <= shards; Ray's default asks for 200 and splits each file's
+    # output), the map takes whole read blocks (batch_size=None; a batch_size adds a min-rows
+    # bundling that blocks the fusion) and both ask for the same task pool (read concurrency
+    # = map concurrency). Fused, a raw sample never crosses the object store and a shard costs
+    # one task, not two per block; READ_TASKS_PER_SLOT tasks per slot, each streaming whole
+    # shards, cut the per-task start cost further. With fewer shards than decode tasks a fused
+    # pass could not use every slot: the read is then split into blocks decoded by separate
+    # map tasks, as before. An actor pool always fuses (the actors read too): unfused, actors
+    # holding every CPU would starve the read tasks.
+    fuse = actors or len(paths) >= n
+    read_kw = {"override_num_blocks": min(len(paths), READ_TASKS_PER_SLOT * n)} if fuse else {}
+    if fuse and not actors:
+        read_kw["concurrency"] = n
+    ds = ray.data.read_webdataset(paths, decoder=None, suffixes=suffixes, shuffle=file_shuffle, **read_kw)
+    if preserve_order or not shuffle:
+        ds.context.execution_options.preserve_order = True
+    # One output block per decoded chunk (a chunk is ~1.33x this target: emitted as it is,
+    # neither merged with the next nor sliced), so a fused task streams its shard out in
+    # chunk-row blocks: the first batch waits for one chunk, not for a whole shard.
+    ds.context.target_max_block_size = max(1, int(0.75 * chunk * spec.row_bytes))
+    batch_size = None if fuse else chunk
+    if actors:
+        ds = ds.map_batches(ChunkedBatchBuilder, fn_constructor_args=(spec, vocab, counter, chunk),
+                            batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
+                            compute=ray.data.ActorPoolStrategy(size=n))
     else:
-        ds = ds.map_batches(BatchBuilder(spec, vocab, counter), batch_size=cfg.data.decode_batch_size,
-                            batch_format="numpy", concurrency=n, zero_copy_batch=True)
+        ds = ds.map_batches(ChunkedBatchBuilder(spec, vocab, counter, chunk), batch_size=batch_size,
+                            batch_format="numpy", zero_copy_batch=True,
+                            compute=ray.data.TaskPoolStrategy(size=n))
     ds.dvsa_skips = counter
     ds.dvsa_spec = spec
     return ds

@@ -15,7 +15,9 @@ Tasks and their shapes (R rows of boxes, T token positions):
 - ``caption_fullframe``: R = 1, the whole image, one full-image sentence (drawn with the
   seeded rng in training, the first one otherwise).
 - ``align``: the whole image first, then up to ``data.max_regions - 1`` detection proposals in
-  stored order (the region boxes when a sample has no proposals); one sentence (drawn as
+  stored order (the region boxes when a sample has no proposals); with
+  ``align.whole_image=false`` up to ``data.max_regions`` proposals and no whole image (unless
+  the sample has no other box); one sentence (drawn as
   above; VG samples, which have no full-image sentences, use a region caption) as word ids
   without START/END, ``T = data.max_len`` words at most.
 
@@ -66,8 +68,12 @@ def _valid_box(b) -> bool:
             and all(isinstance(v, (int, float)) for v in b) and b[2] > b[0] and b[3] > b[1])
 
 
-def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator]) -> Selection:
-    """The boxes and captions of one row; raises Skip when the sample has nothing usable."""
+def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator],
+           whole_image: bool = True) -> Selection:
+    """The boxes and captions of one row; raises Skip when the sample has nothing usable.
+
+    ``whole_image`` (``align.whole_image``, align only): the whole image is the first box; when
+    False it is used only for a sample with no other usable box."""
     regions = meta.get("regions") or []
     if task == "caption_region":
         usable = [i for i, r in enumerate(regions) if _has_tokens(r)]
@@ -93,6 +99,8 @@ def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator]
             cands = [("proposal", i) for i, b in enumerate(proposals) if _valid_box(b)]
         else:
             cands = [("region", i) for i, r in enumerate(regions) if _valid_box(r.get("box"))]
+        if not whole_image and cands:
+            return Selection(cands[:rows], [pool[j]["tokens"]])
         return Selection([("image", 0)] + cands[: rows - 1], [pool[j]["tokens"]])
     raise ValueError(f"unknown ingest task {task!r} (allowed: {', '.join(TASKS)})")
 

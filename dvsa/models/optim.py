@@ -24,9 +24,17 @@ def build_optimizer(params: Iterable, train_cfg) -> torch.optim.Optimizer:
     raise ValueError(f"train.optimizer: {name!r} is not one of 'adam', 'rmsprop', 'sgd'")
 
 
-def clip_gradients(model_or_params: Union[nn.Module, Iterable], value: float) -> None:
-    """Clip every gradient element to [-value, value] (``train.grad_clip``; 0 disables)."""
+def clip_gradients(model_or_params: Union[nn.Module, Iterable], value: float, mode: str = "value") -> None:
+    """``train.grad_clip`` (0 disables) by ``train.grad_clip_mode``: ``value`` clips every
+    gradient element to [-value, value] (the paper, for its RNNs); ``norm`` rescales all
+    gradients together so that their global L2 norm is at most ``value`` (the update keeps
+    its direction; the alignment model of the demo trains better with it)."""
+    if mode not in ("value", "norm"):
+        raise ValueError(f"train.grad_clip_mode: {mode!r} is not one of 'value', 'norm'")
     if value <= 0:
         return
     params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
-    torch.nn.utils.clip_grad_value_(params, value)
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)

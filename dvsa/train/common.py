@@ -69,12 +69,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.lr_schedule, total_steps))
 
 
-def clip_gradients(params, clip: float) -> None:
-    """Element-wise gradient clipping (the paper clips each gradient element at 5)."""
-    if clip > 0:
-        torch.nn.utils.clip_grad_value_(params, clip)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP (``prepare_model`` with one worker returns the bare module)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

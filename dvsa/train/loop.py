@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from dvsa.config import Config, from_dict
+from dvsa.models.optim import clip_gradients
 from dvsa.train import common
 from dvsa.train.checkpoints import load_state, save_checkpoint
 
@@ -205,7 +206,7 @@ def run_worker(task: Task, config: dict) -> dict:
                     loss = task.loss(model, batch, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                common.clip_gradients(params, t.grad_clip)
+                clip_gradients(params, t.grad_clip, t.grad_clip_mode)
                 optimizer.step()
                 scheduler.step()
                 step += 1
