@@ -293,3 +293,18 @@ def test_prepared_synthetic_shards(ray_local, synth_world, tmp_path):
             np.testing.assert_allclose(rows["boxes"][r, j], [x1 * S / w, y1 * S / h, x2 * S / w, y2 * S / h],
                                        rtol=1e-5, atol=1e-4)
             assert vocab.decode(rows["targets"][r, j]) == [t for t in reg["tokens"][:6] if t in vocab]
+
+
+def test_batch_builder_imports_without_ray():
+    """The GPU check and feature-free tools build batches with BatchBuilder on machines without
+    Ray: importing the ingest package must not import Ray (the skip counter makes its actor on
+    first use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from dvsa.ingest.builder import BatchBuilder, IngestSpec\n"
+            "from dvsa.ingest.dataset import resolve_task, rows_per_image\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -14,13 +14,10 @@ import logging
 from collections import Counter
 from typing import Mapping
 
-import ray
-
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=0)
-class _SkipCounterActor:
+class _SkipCounts:
     def __init__(self):
         self._counts: Counter = Counter()
         self._examples: dict[str, str] = {}
@@ -37,25 +34,45 @@ class _SkipCounterActor:
         return dict(self._examples)
 
 
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    """``_SkipCounts`` as a Ray actor class, made on first use (so that importing the ingest
+    package, e.g. for ``BatchBuilder`` alone, does not need Ray)."""
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(num_cpus=0)(_SkipCounts)
+    return _ACTOR_CLASS
+
+
 class SkipCounter:
     """A handle to the counting actor; picklable, so ``map_batches`` workers can hold it."""
 
     def __init__(self, actor=None):
-        self._actor = actor if actor is not None else _SkipCounterActor.remote()
+        self._actor = actor if actor is not None else _actor_class().remote()
 
     def add(self, counts: Mapping[str, int], examples: Mapping[str, str] | None = None) -> None:
         """Add ``{reason: n}``; ``examples``: ``{reason: "key: detail"}``. Waits for the actor
         (skips are rare), so counts are complete once the batch they came from is delivered."""
         counts = {k: int(v) for k, v in counts.items() if v}
         if counts:
+            import ray
+
             ray.get(self._actor.add.remote(counts, dict(examples or {})))
 
     def counts(self) -> dict[str, int]:
         """``{reason: n}`` so far (e.g. ``{"corrupt_image": 1, "no_region_caption": 3}``)."""
+        import ray
+
         return ray.get(self._actor.counts.remote())
 
     def examples(self) -> dict[str, str]:
         """The first ``"key (shard): detail"`` seen per reason, to find the bad input."""
+        import ray
+
         return ray.get(self._actor.examples.remote())
 
     def total(self) -> int:
