@@ -37,7 +37,7 @@ ALIGN_OVERRIDES = {"data.image_size": 64, "align.whole_image": False, "train.lr"
                    "train.grad_clip_mode": "norm"}
 # The region captioner's validation loss still falls at epoch 12 (0.556, 0.548, 0.546) and
 # its colour+shape accuracy on test regions varied 93-99% between 12-epoch runs: 16 epochs.
-REGION_OVERRIDES = {"caption.mode": "region", "train.epochs": 16}
+REGION_OVERRIDES = {"train.epochs": 16}
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _unless_given(defaults: dict, user_overrides: list) -> dict:
     """The demo's per-model settings, minus the keys the user set (``dvsa demo key=value``):
     the user's value wins for every model."""
     given = {str(o).split("=", 1)[0].strip() for o in user_overrides}
-    return {k: v for k, v in defaults.items() if k not in given or k == "caption.mode"}
+    return {k: v for k, v in defaults.items() if k not in given}
 
 
 def _train(cfg: Config, task: str, name: str, **overrides):
@@ -163,7 +163,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         res.paths["stats"] = str(out / "stats")
 
         region = steps.run("train the region captioner (VG regions)", _train, cfg, "caption", "region-lstm",
-                           **_unless_given(REGION_OVERRIDES, opts.overrides))
+                           **{"caption.mode": "region", **_unless_given(REGION_OVERRIDES, opts.overrides)})
         full = steps.run("train the full-frame captioner (full-image sentences)", _train, cfg, "caption",
                          "fullframe-lstm", **{"caption.mode": "fullframe"})
         align = steps.run("train the alignment model (BRNN, eq. 8, eq. 9)", _train, cfg, "align", "align-brnn",

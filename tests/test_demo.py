@@ -48,7 +48,7 @@ def test_demo_model_settings_yield_to_the_users_overrides():
     from dvsa.demo import ALIGN_OVERRIDES, REGION_OVERRIDES, _unless_given
 
     assert _unless_given(REGION_OVERRIDES, []) == REGION_OVERRIDES
-    assert _unless_given(REGION_OVERRIDES, ["train.epochs=1"]) == {"caption.mode": "region"}
+    assert _unless_given(REGION_OVERRIDES, ["train.epochs=1"]) == {}
     got = _unless_given(ALIGN_OVERRIDES, ["data.image_size=32", "train.lr=0.01"])
     assert "data.image_size" not in got and "train.lr" not in got
     assert got["align.whole_image"] is False and got["train.grad_clip_mode"] == "norm"

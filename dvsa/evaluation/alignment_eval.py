@@ -38,14 +38,6 @@ class EmbeddedSplit:
     skipped: dict = field(default_factory=dict)     # images skipped, by reason
 
 
-def _image_boxes(meta: dict, max_regions: int, width: int, height: int,
-                 whole_image: bool = True) -> list[list[float]]:
-    from dvsa.ingest.samples import box_of, select
-
-    sel = select("align", meta, max_regions, None, whole_image=whole_image)
-    return [box_of(meta, kind, idx, width, height) for kind, idx in sel.boxes]
-
-
 def _sentences(meta: dict, per_image: int) -> list[list[str]]:
     pool = [s["tokens"] for s in (meta.get("sentences") or []) if s.get("tokens")]
     if not pool:
@@ -102,7 +94,8 @@ def _batches(shards: str, split: str, cfg, vocab, per_image: int, max_images: Op
     """Lists of (key, image uint8[3,S,S], boxes float[K,4] resized frame, [(ids, length, tokens)])."""
     from dvsa.data.shards import iter_samples
     from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
-    from dvsa.ingest.samples import Skip, encode_words
+    from dvsa.experiments.snippets import alignment_boxes
+    from dvsa.ingest.samples import encode_words
 
     batch, n = [], 0
     for key, jpg, meta in iter_samples(shards, split):
@@ -114,11 +107,11 @@ def _batches(shards: str, split: str, cfg, vocab, per_image: int, max_images: Op
             continue
         try:
             img, (w, h) = decode_resize(jpg, cfg.data.image_size, cfg.data.jpeg_decoder)
-            raw_boxes = _image_boxes(meta, cfg.data.max_regions, w, h, cfg.align.whole_image)
+            raw_boxes = alignment_boxes(meta, cfg.data.max_regions, cfg.align.whole_image, w, h)
         except CorruptImage:
             skipped["corrupt_image" if jpg else "missing_image"] += 1
             continue
-        except (Skip, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             skipped["bad_json"] += 1
             log.warning("retrieval: skipped %s: %s", key, e)
             continue

@@ -52,21 +52,17 @@ DEFAULT_SHARD_BYTES = 128 * 2**20
 # --------------------------------------------------------------------------- pure pieces
 
 
-def alignment_boxes(meta: dict, max_regions: int, whole_image: bool = True) -> list[list[float]]:
-    """The boxes the alignment model scores for this sample, in pixels of the stored JPEG:
-    the whole image, then up to ``max_regions - 1`` proposals (the region boxes when there are
-    none), or with ``whole_image=False`` (``align.whole_image``) the proposals only: the same
-    choice as training ingest (:func:`dvsa.ingest.samples.select`)."""
-    from dvsa.ingest.samples import Skip, box_of, select
+def alignment_boxes(meta: dict, max_regions: int, whole_image: bool = True,
+                    width: Optional[int] = None, height: Optional[int] = None) -> list[list[float]]:
+    """The boxes the alignment model scores for this sample, in pixels of the stored JPEG
+    (``width x height``, by default the sample's own): the same choice as training ingest
+    (:func:`dvsa.ingest.samples.align_boxes`, ``align.whole_image``)."""
+    from dvsa.ingest.samples import align_boxes, box_of
 
-    width, height = int(meta["width"]), int(meta["height"])
-    probe = dict(meta)
-    probe["sentences"] = [{"tokens": ["x"]}]     # select() needs a sentence; boxes do not depend on it
-    try:
-        sel = select("align", probe, max_regions, None, whole_image=whole_image)
-    except Skip:  # pragma: no cover - the probe sentence makes this unreachable
-        return [[0.0, 0.0, float(width), float(height)]]
-    return [[float(v) for v in box_of(meta, kind, idx, width, height)] for kind, idx in sel.boxes]
+    width = int(meta["width"] if width is None else width)
+    height = int(meta["height"] if height is None else height)
+    return [[float(v) for v in box_of(meta, kind, idx, width, height)]
+            for kind, idx in align_boxes(meta, max_regions, whole_image)]
 
 
 def encode_sentences(vocab, token_lists: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:

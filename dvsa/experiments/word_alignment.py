@@ -191,8 +191,8 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
         tokens, lengths = encode_sentences(vocab, toks)
         sent_img_t = torch.tensor(sent_img, dtype=torch.long)
         a_mrf, unary = align_sentences(model, v, vm, sent_img_t, tokens, lengths, beta)
-        a_arg = viterbi_align(unary, lengths, vm[sent_img_t], 0.0)
         vm_l = vm[sent_img_t]
+        a_arg = viterbi_align(unary, lengths, vm_l, 0.0)
         for k, (boxes, ts, true_boxes) in enumerate(info):
             role_of = ts.get("roles") or ["other"] * len(ts["objects"])
             for name, assign in (("argmax", a_arg), ("mrf", a_mrf)):
@@ -200,14 +200,12 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
                     hits[name].append(ok)
                     roles.setdefault(role_of[t], {"argmax": [], "mrf": [], "no_evidence": []})[name].append(ok)
             flat = no_evidence(unary[k, :len(ts["objects"])], vm_l[k]).tolist()
+            props = boxes[1:] if cfg.align.whole_image else boxes
             for t, o in enumerate(ts["objects"]):
                 if o >= 0:
                     hits["no_evidence"].append(flat[t])
                     roles[role_of[t]]["no_evidence"].append(flat[t])
-            for o in ts["objects"]:
-                if o >= 0:
                     chance.append(chance_hit_rate(boxes, true_boxes[o]))
-                    props = boxes[1:] if cfg.align.whole_image else boxes
                     chance_prop.append(chance_hit_rate(props, true_boxes[o]))
         n_images += len(batch)
         n_sentences += len(info)

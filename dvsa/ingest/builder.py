@@ -220,7 +220,7 @@ class ChunkedBatchBuilder(BatchBuilder):
         n = len(batch["__key__"])
         yielded = False
         for start in range(0, n, self.chunk):
-            out = BatchBuilder.__call__(self, {k: v[start:start + self.chunk] for k, v in batch.items()})
+            out = super().__call__({k: v[start:start + self.chunk] for k, v in batch.items()})
             if len(out["image_id"]):
                 yielded = True
                 yield out

@@ -68,12 +68,25 @@ def _valid_box(b) -> bool:
             and all(isinstance(v, (int, float)) for v in b) and b[2] > b[0] and b[3] > b[1])
 
 
+def align_boxes(meta: dict, rows: int, whole_image: bool = True) -> list[tuple[str, int]]:
+    """The alignment model's boxes for a sample, as ``(kind, index)``: the whole image, then up
+    to ``rows - 1`` valid proposals (the region boxes when there are none); with
+    ``whole_image=False`` up to ``rows`` of those and no whole image, unless there is none."""
+    proposals = meta.get("proposals") or []
+    if proposals:
+        cands = [("proposal", i) for i, b in enumerate(proposals) if _valid_box(b)]
+    else:
+        cands = [("region", i) for i, r in enumerate(meta.get("regions") or []) if _valid_box(r.get("box"))]
+    if not whole_image and cands:
+        return cands[:rows]
+    return [("image", 0)] + cands[: rows - 1]
+
+
 def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator],
            whole_image: bool = True) -> Selection:
     """The boxes and captions of one row; raises Skip when the sample has nothing usable.
 
-    ``whole_image`` (``align.whole_image``, align only): the whole image is the first box; when
-    False it is used only for a sample with no other usable box."""
+    ``whole_image`` (``align.whole_image``, align only): see :func:`align_boxes`."""
     regions = meta.get("regions") or []
     if task == "caption_region":
         usable = [i for i, r in enumerate(regions) if _has_tokens(r)]
@@ -94,14 +107,7 @@ def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator]
         if not pool:
             raise Skip("no_sentence")
         j = 0 if rng is None else int(rng.integers(len(pool)))
-        proposals = meta.get("proposals") or []
-        if proposals:
-            cands = [("proposal", i) for i, b in enumerate(proposals) if _valid_box(b)]
-        else:
-            cands = [("region", i) for i, r in enumerate(regions) if _valid_box(r.get("box"))]
-        if not whole_image and cands:
-            return Selection(cands[:rows], [pool[j]["tokens"]])
-        return Selection([("image", 0)] + cands[: rows - 1], [pool[j]["tokens"]])
+        return Selection(align_boxes(meta, rows, whole_image), [pool[j]["tokens"]])
     raise ValueError(f"unknown ingest task {task!r} (allowed: {', '.join(TASKS)})")
 
 
