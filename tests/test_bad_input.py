@@ -171,3 +171,37 @@ def test_markers_verification_still_catches_truncation():
             prepare_image(bad, verify="markers")
         with pytest.raises(BadImage):
             prepare_image(bad, verify="decode")
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "grey", "exif", "cmyk", "png"])
+def test_markers_path_reads_the_frame_size_pil_reads(kind):
+    """The markers path reads width/height from the SOF segment itself; every kind of file
+    must come out as PIL sees it (and CMYK / non-JPEG still go through PIL's re-encode)."""
+    from dvsa.data.images import jpeg_frame, prepare_image
+
+    im = Image.new("RGB", (37, 23), (200, 30, 60))
+    buf = io.BytesIO()
+    if kind == "progressive":
+        im.save(buf, "JPEG", progressive=True)
+    elif kind == "grey":
+        im.convert("L").save(buf, "JPEG")
+    elif kind == "exif":
+        exif = Image.Exif()
+        exif[0x010E] = "a description long enough to move the frame header " * 20
+        im.save(buf, "JPEG", exif=exif.tobytes())
+    elif kind == "cmyk":
+        im.convert("CMYK").save(buf, "JPEG")
+    elif kind == "png":
+        im.save(buf, "PNG")
+    else:
+        im.save(buf, "JPEG")
+    data = buf.getvalue()
+    frame = jpeg_frame(data)
+    if kind == "png":
+        assert frame is None
+    else:
+        assert frame[:2] == (37, 23) and frame[2] == {"grey": 1, "cmyk": 4}.get(kind, 3)
+    fast, slow = prepare_image(data, verify="markers"), prepare_image(data, verify="decode")
+    assert (fast.width, fast.height, fast.action) == (slow.width, slow.height, slow.action) == (
+        37, 23, "reencoded" if kind in ("cmyk", "png") else "copied")
+    assert fast.data == slow.data or kind in ("cmyk", "png")

@@ -8,7 +8,6 @@ name and renamed into place once complete, so a reader never sees a half-written
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import re
@@ -98,7 +97,16 @@ class ShardWriter:
         info.size = len(data)
         info.mode = 0o444
         info.mtime = 0  # deterministic shards: same input -> same bytes
-        self._tar.addfile(info, io.BytesIO(data))
+        # header, data and padding written straight (TarFile.addfile copies through 16 KiB reads);
+        # TarFile still writes the end-of-archive blocks on close.
+        tar = self._tar
+        header = info.tobuf(tar.format, tar.encoding, tar.errors)
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._file.write(header)
+        self._file.write(data)
+        if pad:
+            self._file.write(b"\0" * pad)
+        tar.offset += len(header) + len(data) + pad
 
     def write(self, key: str, jpg: bytes, meta: dict) -> None:
         if "." in key or "/" in key:
