@@ -137,7 +137,7 @@ def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: in
     import torch
 
     from dvsa.train import common
-    from dvsa.models.optim import clip_gradients
+    from dvsa.models.optim import build_optimizer, clip_gradients
     from dvsa.train.build import build_model
     from dvsa.train.caption import caption_batch_loss
 
@@ -145,7 +145,7 @@ def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: in
     model = build_model(cfg, vocab).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = common.build_optimizer(params, cfg.train)
+    optimizer = build_optimizer(params, cfg.train)
     cuda = device.type == "cuda"
     # pinned host tensors, non-blocking copies: as the train loop gets them from Ray Data
     pinned = [{k: (torch.from_numpy(v).pin_memory() if cuda else torch.from_numpy(v)) for k, v in b.items()}

@@ -22,7 +22,6 @@ Writes benchmarks/results/prepare_scale.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil

@@ -76,12 +76,12 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
     import torch
 
     from dvsa.train import common
-    from dvsa.models.optim import clip_gradients
+    from dvsa.models.optim import build_optimizer, clip_gradients
     from dvsa.train.caption import caption_batch_loss
 
     device = torch.device("cpu")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = common.build_optimizer(params, cfg.train)
+    opt = build_optimizer(params, cfg.train)
     t0 = c0 = None
     for i in range(warmup + steps):
         if i == warmup:

@@ -41,7 +41,7 @@ class DataConfig:
     fullframe_shards: Optional[str] = None
     image_size: int = 224           # images are resized to image_size x image_size
     max_regions: int = 20           # alignment model: up to this many boxes (whole image included)
-    max_len: int = 16               # T: caption length bound, START/END included
+    max_len: int = 17               # START + words + END: T = max_len - 1 = 16 steps (section 3.2)
     batch_size: int = 32
     val_batch_size: int = 64
     decode_concurrency: int = 1     # Ray Data map_batches workers for JPEG decode
@@ -98,7 +98,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
-    momentum: float = 0.9
+    momentum: float = 0.9            # sgd only (the paper's alignment model); rmsprop and adam take none
     grad_clip: float = 5.0          # clip value (0 disables)
     grad_clip_mode: Literal["value", "norm"] = "value"  # per element (the paper's RNN) or the global norm
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"

@@ -15,8 +15,9 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,24 @@ class RunLogger:
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         retry_locked(self._client.set_terminated, self.run_id, status)
+
+
+@contextmanager
+def ending(run: RunLogger) -> Iterator[RunLogger]:
+    """End ``run`` when the block ends: FINISHED when it returns, KILLED on Ctrl-C, FAILED on
+    an error; failing to end the run is a warning and never masks the block's own error."""
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            run.end(status)
+        except Exception as e:
+            log.warning("could not end MLflow run %s: %s", run.run_id, e)
 
 
 def start_run(uri: str, experiment: str, run_name: Optional[str], tags: Mapping[str, Any],

@@ -23,10 +23,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _brnn_by_hand(enc, words: list[int]) -> torch.Tensor:
-    """Eq. 2-6 word by word for one unpadded sentence."""
+def _brnn_by_hand(enc, words: list[int], drop=lambda x: x) -> torch.Tensor:
+    """Eq. 2-6 word by word for one unpadded sentence; ``drop`` where dropout acts (on the
+    word vectors and before W_d, never on the recurrence)."""
     relu = torch.relu
-    x = [enc.W_w.weight[w] for w in words]                                      # eq. 2
+    x = [drop(enc.W_w.weight[w]) for w in words]                                # eq. 2
     e = [relu(enc.W_e.weight @ xt + enc.W_e.bias) for xt in x]                   # eq. 3
     n, H = len(words), enc.W_e.out_features
     hf, h = [], torch.zeros(H)
@@ -37,7 +38,24 @@ def _brnn_by_hand(enc, words: list[int]) -> torch.Tensor:
     for t in reversed(range(n)):                                                # eq. 5
         h = relu(e[t] + enc.W_b.weight @ h + enc.W_b.bias)
         hb[t] = h
-    return torch.stack([relu(enc.W_d.weight @ (hf[t] + hb[t]) + enc.W_d.bias) for t in range(n)])  # eq. 6
+    return torch.stack([relu(enc.W_d.weight @ drop(hf[t] + hb[t]) + enc.W_d.bias) for t in range(n)])  # eq. 6
+
+
+def test_brnn_dropout_is_on_words_and_output_never_on_the_recurrence():
+    cfg = _cfg(**{"model.dropout": 0.5})
+    model = AlignmentModel(cfg.model, cfg.align, vocab_size=12, with_encoder=False)
+
+    class Halve(torch.nn.Module):          # dropout with a known effect
+        def forward(self, x):
+            return 0.5 * x
+
+    model.sentence.drop = Halve()
+    sentences = [[4, 5, 6, 7, 8], [9, 4, 11]]
+    tokens = torch.tensor([s + [0] * (5 - len(s)) for s in sentences])
+    with torch.no_grad():
+        s, _ = model.embed_words(tokens, torch.tensor([5, 3]))
+        for i, sent in enumerate(sentences):
+            torch.testing.assert_close(s[i, :len(sent)], _brnn_by_hand(model.sentence, sent, lambda x: 0.5 * x))
 
 
 def test_brnn_matches_equations_2_to_6_with_padding():

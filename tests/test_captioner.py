@@ -105,14 +105,59 @@ def test_caption_loss_averages_occupied_positions_only():
     zero.backward()
 
 
-def test_dropout_is_not_on_the_recurrence_and_off_in_eval():
+class _Halve(torch.nn.Module):
+    """Stands in for dropout with a known, deterministic effect: every value it sees halves."""
+
+    def forward(self, x):
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_dropout_is_on_inputs_and_outputs_never_on_the_recurrence(cell):
+    """Section 4: dropout in all layers except the recurrent ones. With dropout replaced by a
+    halving, the model must equal eq. 13-15 (or the LSTM) with halved word/image inputs and a
+    halved h before W_oh, and an untouched h_{t-1} in the recurrence; forward and the step API
+    (decoding) alike."""
+    cfg = _cfg(**{"caption.cell": cell, "model.dropout": 0.5})
+    cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=4)
+    cap.drop = _Halve()
+    feats = torch.randn(2, 4)
+    inputs = torch.tensor([[START, 4, 5, 6], [START, 7, 8, 3]])
+    with torch.no_grad():
+        expected = torch.zeros(2, 4, 9)
+        for n in range(2):
+            words = [0.5 * cap.W_w.weight[w] for w in inputs[n]]
+            if cell == "rnn":
+                b_v = cap.W_hi.weight @ (0.5 * feats[n])                                  # eq. 13
+                h = torch.zeros(6)
+                for t in range(4):
+                    h = torch.relu(cap.W_hx.weight @ words[t] + cap.W_hh.weight @ h + cap.W_hh.bias
+                                   + (b_v if t == 0 else 0))                               # eq. 14
+                    expected[n, t] = cap.W_oh(0.5 * h)                                     # eq. 15
+            else:
+                lstm = torch.nn.LSTMCell(5, 6)
+                for a, b in (("weight_ih", "weight_ih_l0"), ("weight_hh", "weight_hh_l0"),
+                             ("bias_ih", "bias_ih_l0"), ("bias_hh", "bias_hh_l0")):
+                    getattr(lstm, a).copy_(getattr(cap.lstm, b))
+                hc = lstm(cap.W_hi(0.5 * feats[n])[None])
+                for t in range(4):
+                    hc = lstm(words[t][None], hc)
+                    expected[n, t] = cap.W_oh(0.5 * hc[0][0])
+        torch.testing.assert_close(cap(feats, inputs), expected)
+        state = cap.init_state(feats)
+        for t in range(4):
+            logp, state = cap.step(inputs[:, t], state)
+            torch.testing.assert_close(logp, F.log_softmax(expected[:, t], dim=-1))
+
+
+def test_dropout_is_off_in_eval():
     cfg = _cfg(**{"caption.cell": "lstm", "model.dropout": 0.5})
     cap = Captioner(cfg.model, cfg.caption, vocab_size=9, feat_dim=4)
-    assert cap.lstm.dropout == 0.0
     feats, inputs = torch.randn(2, 4), torch.tensor([[START, 4, 5], [START, 6, 7]])
-    cap.eval()
     with torch.no_grad():
-        assert torch.equal(cap(feats, inputs), cap(feats, inputs))
+        train_outs = [cap.train()(feats, inputs) for _ in range(2)]
+        assert not torch.equal(*train_outs)               # dropout is live in training
+        assert torch.equal(cap.eval()(feats, inputs), cap(feats, inputs))
 
 
 def test_captioning_model_on_an_ingest_batch():
@@ -190,3 +235,23 @@ def test_norm_clipping_keeps_the_direction():
     assert a.grad.tolist() == [3.0, 4.0] and b.grad.tolist() == [0.0, 6.5]
     with pytest.raises(ValueError, match="grad_clip_mode"):
         clip_gradients([a, b], 1.0, "elementwise")
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_training_model_starts_at_the_vocabularys_word_frequencies_and_vectors(features, tmp_path):
+    """What training builds (dvsa.train.build.build_model), on the image path and the
+    precomputed-feature path: b_o = log word frequency of the train split (section 3.3), and
+    word vectors from a file where the config names one."""
+    from dvsa.text import Vocab
+    from dvsa.train.build import build_model
+
+    vocab = Vocab.build({"red": 30, "ball": 10, "box": 5, "rare": 1}, min_count=2, num_captions=10)
+    vectors = tmp_path / "vec.txt"
+    vectors.write_text("red 1 2 3 4 5\nzebra 9 9 9 9 9\n")
+    cfg = _cfg(**{"model.word_vectors": str(vectors), "data.features": "feats/" if features else None})
+    model = build_model(cfg, vocab)
+    cap = model.captioner
+    assert cap.W_oh.bias.tolist() == pytest.approx([max(v, -30.0) for v in vocab.log_frequencies()])
+    assert cap.W_w.weight[vocab.stoi["red"]].tolist() == [1, 2, 3, 4, 5]
+    probs = torch.softmax(cap.W_oh.bias, 0)
+    assert probs[vocab.stoi["red"]] > probs[vocab.stoi["ball"]] > probs[vocab.stoi["box"]]

@@ -53,8 +53,8 @@ def test_crop_features_are_the_cnn_of_the_resized_crop():
         feats = enc(images, boxes)
         crop0 = TF.resized_crop(images[0], 4, 8, 26, 32, [32, 32], antialias=True)
         crop2 = TF.resized_crop(images[1], 5, 10, 43, 11, [32, 32], antialias=True)  # floor/ceil to pixels
-        exp0 = enc.head(torch.nn.functional.adaptive_avg_pool2d(enc.trunk(crop0[None]), 2))
-        exp2 = enc.head(torch.nn.functional.adaptive_avg_pool2d(enc.trunk(crop2[None]), 2))
+        exp0 = enc.trunk(crop0[None]).mean(dim=(2, 3))           # the crop's global average pool
+        exp2 = enc.trunk(crop2[None]).mean(dim=(2, 3))
     assert feats.shape == (3, 128)
     torch.testing.assert_close(feats[0], exp0[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats[2], exp2[0], atol=1e-5, rtol=1e-5)
@@ -142,7 +142,27 @@ def test_random_init_logs_one_line(caplog):
     assert lines == ["model.backbone=resnet18: no model.weights given, initialising the CNN randomly"]
 
 
-@pytest.mark.parametrize("backbone,dim", [("resnet18", 512), ("vgg16", 4096)])
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg16"])
+def test_crop_feature_is_the_torchvision_models_penultimate_layer(backbone, tmp_path):
+    """Eq. 1's CNN(I_b) at 224 px: ResNet's pooled features, VGG-16's fc7 after pool5 (a max
+    pool): the same numbers as torchvision's own model with the same weights."""
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, backbone)(weights=None).eval()
+    path = tmp_path / f"{backbone}.pt"
+    torch.save(ref.state_dict(), path)
+    enc = ImageEncoder(backbone, weights=str(path), region_features="crop", crop_size=224).eval()
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats = enc(image, [torch.tensor([[0.0, 0.0, 224.0, 224.0]])])
+        if backbone == "vgg16":
+            expected = ref.classifier[:-1](torch.flatten(ref.avgpool(ref.features(image)), 1))
+        else:
+            expected = torch.nn.Sequential(*list(ref.children())[:-1])(image).flatten(1)
+    torch.testing.assert_close(feats, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone,dim", [("resnet18", 512), ("resnet50", 2048), ("resnet101", 2048),
+                                          ("vgg16", 4096)])
 def test_torchvision_backbones_give_their_feature_size(backbone, dim):
     cfg = Config().replace(**{"model.backbone": backbone, "model.trainable": False})
     enc = build_encoder(cfg.model).eval()

@@ -121,3 +121,32 @@ def test_concurrent_writers_lose_nothing(uri):
     assert [p.exitcode for p in procs] == [0, 0]
     for w in range(2):
         assert [s for s, _ in logger.metric_history(f"w{w}")] == list(range(40))
+
+
+def test_ending_sets_the_run_status_from_how_the_block_ends(uri, caplog):
+    def status_after(body):
+        logger, _ = tracking.start_run(uri, "exp", "r", {"task": "caption"})
+        try:
+            with tracking.ending(logger):
+                body()
+        except (RuntimeError, KeyboardInterrupt):
+            pass
+        return tracking.client(uri).get_run(logger.run_id).info.status
+
+    def fail():
+        raise RuntimeError("job error")
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    assert status_after(lambda: None) == "FINISHED"
+    assert status_after(fail) == "FAILED"
+    assert status_after(interrupt) == "KILLED"
+
+    # a run that cannot be ended is a warning; the block's own error still comes through
+    logger, _ = tracking.start_run(uri, "exp", "r", {"task": "caption"})
+    logger.end = lambda status: (_ for _ in ()).throw(OSError("store gone"))
+    with pytest.raises(RuntimeError, match="job error"):
+        with tracking.ending(logger):
+            fail()
+    assert "could not end MLflow run" in caplog.text and "store gone" in caplog.text

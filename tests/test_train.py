@@ -10,6 +10,7 @@ import torch
 
 from dvsa.config import ConfigError, load_config
 from dvsa.errors import DataError, DvsaError
+from dvsa.models.optim import build_optimizer
 from dvsa.train import common
 from dvsa.train.checkpoints import (STATE_FILE, best_checkpoint_dir, load_state, load_trained,
                                     save_checkpoint)
@@ -65,7 +66,7 @@ def test_checkpoint_roundtrip_without_pickle(shards, tmp_path):
     cfg = tiny_cfg(shards, tmp_path)
     vocab = Vocab.load(str(shards / "vg" / "vocab.json"))
     model = build_model(cfg, vocab)
-    opt = common.build_optimizer(model.parameters(), cfg.train)
+    opt = build_optimizer(model.parameters(), cfg.train)
     sched = common.build_scheduler(opt, cfg.train, 10)
     model(torch.zeros(1, 3, 64, 64), [torch.tensor([[0.0, 0.0, 32.0, 32.0]])],
           torch.ones(1, 5, dtype=torch.long)).sum().backward()

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from dvsa.errors import DataError, DvsaError
+from dvsa.errors import DataError
 
 HELP = "caption your own images (whole or given boxes) with a trained model"
 

@@ -26,9 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from dvsa.config import Config, ConfigError
 from dvsa.errors import DvsaError

@@ -24,7 +24,7 @@ import fsspec
 
 from dvsa.data import karpathy as kp
 from dvsa.data import vg
-from dvsa.data.chunks import RECORDS, STRIDE, fingerprint, process_chunk, read_record
+from dvsa.data.chunks import RECORDS, fingerprint, process_chunk, read_record
 from dvsa.data.shards import MANIFEST, SHARD_RE, SPLITS, VOCAB, write_json_atomic
 from dvsa.data.splits import default_split_sizes, deterministic_split, load_split_file
 from dvsa.errors import DataError

@@ -10,7 +10,9 @@ module computes it two ways (``model.region_features``):
   ``crop_size x crop_size`` and run the CNN on each crop.
 
 Both end in the same head (spatial mean for ResNets and ``tiny``, fc6/fc7 for VGG-16) and
-return ``float[sum K_b, feat_dim]``. ``W_m`` is not here: the alignment model and the captioner
+return ``float[sum K_b, feat_dim]``. A crop's whole conv map goes through the backbone's own
+pooling (``head.whole_map``: ResNet's global average pool; VGG-16's pool5, a max pool, to 7x7),
+so at ``crop_size`` 224 a crop's feature is exactly the torchvision model's penultimate layer. ``W_m`` is not here: the alignment model and the captioner
 own their projections of these features.
 """
 
@@ -63,6 +65,10 @@ class _MeanHead(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         return pooled.mean(dim=(2, 3))
 
+    def whole_map(self, fmap: Tensor) -> Tensor:
+        """A crop's whole conv map [K, C, h, w] -> [K, C] (global average pool, as ResNet)."""
+        return fmap.mean(dim=(2, 3))
+
 
 class _VggHead(nn.Module):
     """[K, 512, r, r] -> [K, 4096]: fc6, fc7 (after ReLU), as the paper's CNN(I_b)."""
@@ -74,6 +80,11 @@ class _VggHead(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         pooled = F.adaptive_max_pool2d(pooled, 7) if pooled.shape[-1] != 7 else pooled
         return self.fc(pooled.flatten(1))
+
+    def whole_map(self, fmap: Tensor) -> Tensor:
+        """A crop's conv5_3 map [K, 512, h, w] -> [K, 4096]: pool5 (a 2x2 max pool, 14 -> 7 at
+        224 px; adaptive for other crop sizes), then fc6, fc7."""
+        return self.fc(F.adaptive_max_pool2d(fmap, 7).flatten(1))
 
 
 def _torchvision_model(name: str, weights: Optional[str]) -> nn.Module:
@@ -233,7 +244,7 @@ class ImageEncoder(nn.Module):
         for i in range(0, len(crops), self.crop_batch):
             batch = torch.stack(crops[i:i + self.crop_batch])          # [k, 3, crop, crop]
             fmap = self.trunk(batch)                                   # [k, C, crop/s, crop/s]
-            out.append(self.head(F.adaptive_avg_pool2d(fmap, self.roi_size)))
+            out.append(self.head.whole_map(fmap))                      # [k, feat_dim]
         return torch.cat(out)                                          # [sum K, feat_dim]
 
 

@@ -1,4 +1,4 @@
-"""Pieces both train loops share: device and precision, seeding, optimizer and schedule, and the
+"""Pieces both train loops share: device and precision, seeding, the learning-rate schedule, and the
 ``TorchTrainer`` built from a :class:`dvsa.config.Config`.
 
 Precision: on CUDA the forward pass runs under ``torch.autocast(dtype=bfloat16)`` (bf16 keeps
@@ -41,15 +41,6 @@ def autocast(device: torch.device, enabled: bool = True):
     if device.type == "cuda" and enabled:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "rmsprop":  # the paper's choice (section 4)
-        return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
-    return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
 
 
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:

@@ -128,8 +128,7 @@ def train(cfg: Config, task: str) -> TrainOutcome:
     changed = logger.log_params(cfg.flat())
     if changed:
         log.info("resumed run %s with changed settings: %s", logger.run_id, ", ".join(sorted(changed)))
-    status = "FAILED"
-    try:
+    with tracking.ending(logger):
         with runtime.ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus) as ray_info:
             log.info("Ray: %s", ray_info["mode"])
             trainer = make_trainer(cfg, task, name, manifest=manifest, env_vars=env,
@@ -137,16 +136,7 @@ def train(cfg: Config, task: str) -> TrainOutcome:
             result = _fit(trainer)
         outcome = _outcome(cfg, name, logger, uri, result, resumed)
         _log_outcome(cfg, logger, outcome, result, root)
-        status = "FINISHED"
         return outcome
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            logger.end(status)
-        except Exception as e:  # never mask the job's own error
-            log.warning("could not end MLflow run %s: %s", logger.run_id, e)
 
 
 def make_trainer(cfg: Config, task: str, name: str, *, manifest: Optional[dict] = None,

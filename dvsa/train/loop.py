@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from dvsa.config import Config, from_dict
-from dvsa.models.optim import clip_gradients
+from dvsa.models.optim import build_optimizer, clip_gradients
 from dvsa.train import common
 from dvsa.train.checkpoints import load_state, save_checkpoint
 
@@ -166,7 +166,7 @@ def run_worker(task: Task, config: dict) -> dict:
 
     model = ray.train.torch.prepare_model(model)        # to device; DDP when world > 1
     bare = common.unwrap(model)
-    optimizer = common.build_optimizer(model.parameters(), t)
+    optimizer = build_optimizer(model.parameters(), t)
     scheduler = common.build_scheduler(optimizer, t, config.get("total_steps") or 1)
     if state is not None:
         if state.get("optimizer") is not None:

@@ -82,8 +82,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     parent, exp_id, resumed = open_parent_run(uri, cfg.mlflow.experiment, name, tags)
     parent.log_params(cfg.flat())
     child_tags = {k: v for k, v in tags.items() if k in ("task", "dataset", "mode", "cell")}
-    status = "FAILED"
-    try:
+    with tracking.ending(parent):
         with runtime.ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus) as info:
             import ray
 
@@ -101,16 +100,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
             results = tuner.fit()
         outcome = _outcome(cfg, name, exp_dir, uri, exp_id, parent.run_id, results, resumed)
         _report(cfg, parent, outcome, sweep_dir)
-        status = "FINISHED"
         return outcome
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            parent.end(status)
-        except Exception as e:  # never mask the sweep's own error
-            log.warning("could not end MLflow run %s: %s", parent.run_id, e)
 
 
 def _tuner(cfg: Config, name: str, storage: str, exp_dir: str, manifest: dict, concurrent: int, callback):
