@@ -84,17 +84,10 @@ class Vocab:
 
     @classmethod
     def load(cls, path_or_url: str) -> "Vocab":
-        import fsspec
-
         from dvsa.errors import DataError
+        from dvsa.jsonfile import load_json
 
-        try:
-            with fsspec.open(str(path_or_url), "r") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise DataError(f"{path_or_url}: no such vocabulary file") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path_or_url}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        d = load_json(path_or_url, "no such vocabulary file")
         try:
             return cls(d["itos"], d["counts"], d["min_count"], d["num_captions"])
         except (KeyError, TypeError, ValueError) as e:

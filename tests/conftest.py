@@ -54,3 +54,12 @@ def synth_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     write_world(out, SynthOptions(images=60, image_size=96, seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def shards(synth_world, tmp_path_factory) -> Path:
+    """VG (regions + groups) and Karpathy (sentences + proposals) shards of ``synth_world``,
+    prepared once for the session (read-only to every test)."""
+    from eval_fixtures import prepare_shards
+
+    return prepare_shards(synth_world, tmp_path_factory.mktemp("shards"))

@@ -7,12 +7,7 @@ import json
 import pytest
 import torch
 
-from eval_fixtures import chain_captioner, prepare_shards, save, tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def shards(synth_world, tmp_path_factory):
-    return prepare_shards(synth_world, tmp_path_factory.mktemp("eval_shards"))
+from eval_fixtures import chain_captioner, save, tiny_cfg
 
 
 @pytest.fixture(scope="module")

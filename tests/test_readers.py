@@ -93,3 +93,24 @@ def test_deterministic_split():
     assert a == deterministic_split(list(reversed(ids)), 10, 5)   # depends on the ids only
     assert sorted(a) == ids
     assert [sum(1 for s in a.values() if s == k) for k in ("train", "val", "test")] == [85, 10, 5]
+
+
+def test_small_json_files_name_the_file_and_where(tmp_path):
+    from dvsa.jsonfile import load_json
+
+    good = tmp_path / "ok.json"
+    good.write_text('{"a": [1, 2]}')
+    assert load_json(str(good)) == {"a": [1, 2]}
+    assert load_json(f"file://{good}") == {"a": [1, 2]}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": [1,\n 2,, 3]}')
+    with pytest.raises(DataError, match=r"bad.json: invalid JSON at line 2, column 4"):
+        load_json(str(bad))
+    with pytest.raises(DataError, match=r"nope.json: no such vocabulary file"):
+        load_json(str(tmp_path / "nope.json"), "no such vocabulary file")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"caf\u00e9": 1}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.json: not UTF-8 text \(invalid continuation byte at byte 5\)"):
+        load_json(str(latin))
+    with pytest.raises(DataError, match="is a directory"):
+        load_json(str(tmp_path))

@@ -19,21 +19,6 @@ from dvsa.train.loop import cap_images
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(synth_world, tmp_path_factory):
-    """VG (regions) and Karpathy (sentences + proposals) shards of the synthetic world."""
-    from dvsa.data.prepare import prepare_karpathy, prepare_vg
-
-    out = tmp_path_factory.mktemp("shards")
-    w = synth_world
-    prepare_vg(root=str(w / "vg"), split_file=str(w / "vg" / "densecap_splits.json"), out=str(out / "vg"),
-               min_count=2, use_ray=False, progress=False)
-    prepare_karpathy(str(w / "karpathy" / "dataset_synth.json"), images_root=str(w / "vg"),
-                     proposals=str(w / "karpathy" / "proposals.json"), out=str(out / "kp"), min_count=2,
-                     use_ray=False, progress=False)
-    return out
-
-
 def tiny_cfg(shards, out, *overrides):
     return load_config(ROOT / "configs" / "tiny.yaml", [
         f"out={out}", f"data.shards={shards / 'vg'}", f"data.fullframe_shards={shards / 'kp'}",

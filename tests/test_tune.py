@@ -22,20 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(synth_world, tmp_path_factory):
-    from dvsa.data.prepare import prepare_karpathy, prepare_vg
-
-    out = tmp_path_factory.mktemp("tune-shards")
-    w = synth_world
-    prepare_vg(root=str(w / "vg"), split_file=str(w / "vg" / "densecap_splits.json"), out=str(out / "vg"),
-               min_count=2, use_ray=False, progress=False)
-    prepare_karpathy(str(w / "karpathy" / "dataset_synth.json"), images_root=str(w / "vg"),
-                     proposals=str(w / "karpathy" / "proposals.json"), out=str(out / "kp"), min_count=2,
-                     use_ray=False, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ray_tune():
     """One local Ray for this module, started the way ``dvsa tune`` starts it (dashboard on a port
     of its own), with 4 logical CPUs so that 4 trials can run at once on 2 cores."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dvsa.errors import DataError
+from dvsa.jsonfile import load_json
 
 HELP = "caption your own images (whole or given boxes) with a trained model"
 
@@ -62,15 +63,7 @@ def read_image(path: str) -> bytes:
 
 
 def load_boxes_file(path: str) -> object:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: no such boxes file")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a text file ({e})") from None
+    return load_json(path, "no such boxes file")
 
 
 def check_boxes(boxes: object, where: str, width: int, height: int) -> list[list[float]]:

@@ -9,14 +9,12 @@
 
 from __future__ import annotations
 
-import json
 import posixpath
 from typing import Iterator
 
-import fsspec
-
 from dvsa.data.jsonstream import iter_items
 from dvsa.errors import DataError
+from dvsa.jsonfile import load_json
 
 SPLIT_MAP = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
@@ -46,13 +44,7 @@ def image_relpath(e: dict) -> str | None:
 
 def load_proposals(path: str) -> dict[str, list]:
     """``{"<image id>": [[x1, y1, x2, y2], ...]}``."""
-    try:
-        with fsspec.open(str(path), "r") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such proposals file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    d = load_json(path, "no such proposals file")
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected an object mapping image id -> list of boxes")
     return d

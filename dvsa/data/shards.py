@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import fsspec
 
 from dvsa.errors import DataError
+from dvsa.jsonfile import load_json
 
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
@@ -224,14 +225,7 @@ def iter_samples(root_or_urls, split: str | None = None) -> Iterator[tuple[str, 
 
 def load_manifest(root: str) -> dict:
     fs, base = _fs(root)
-    path = posixpath.join(base, MANIFEST)
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{root}: no {MANIFEST} (run `dvsa prepare` first)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return load_json(_url(fs, posixpath.join(base, MANIFEST)), "no such file (run `dvsa prepare` first)")
 
 
 def load_vocab(root: str):

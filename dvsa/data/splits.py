@@ -3,13 +3,11 @@ split by image id (the paper's 5,000 val + 5,000 test, scaled down for small dat
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Iterable
 
-import fsspec
-
 from dvsa.errors import DataError
+from dvsa.jsonfile import load_json
 
 SPLITS = ("train", "val", "test")
 
@@ -19,13 +17,7 @@ def load_split_file(path: str) -> dict[int, str]:
 
     Unknown split names, non-integer ids and ids listed in two splits are errors.
     """
-    try:
-        with fsspec.open(str(path), "r") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such split file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    d = load_json(path, "no such split file")
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected an object {{\"train\": [ids], \"val\": [...], \"test\": [...]}}")
     out: dict[int, str] = {}

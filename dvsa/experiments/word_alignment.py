@@ -29,6 +29,7 @@ import torch
 
 from dvsa.boxes import iou
 from dvsa.errors import DataError, DvsaError
+from dvsa.jsonfile import load_json
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,7 @@ def load_truth(world: str | os.PathLike) -> dict[int, dict]:
     """``truth.json`` of a synthetic world (the file or its directory): image_id -> entry."""
     p = Path(world)
     p = p / "truth.json" if p.is_dir() else p
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{p}: no such file (word alignment accuracy needs a `dvsa synth` world)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    data = load_json(str(p), "no such file (word alignment accuracy needs a `dvsa synth` world)")
     try:
         return {int(im["image_id"]): im for im in data["images"]}
     except (KeyError, TypeError, ValueError) as e:

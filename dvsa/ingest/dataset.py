@@ -12,7 +12,6 @@ keep several shards per worker. Validation and test splits are read in order, un
 
 from __future__ import annotations
 
-import json
 import posixpath
 import zlib
 from typing import Optional
@@ -65,16 +64,10 @@ def dataset_paths(root: str, split: str) -> list[str]:
 
 def load_features_manifest(root: str) -> dict:
     """``features.json`` of a feature-shard directory (written by ``dvsa features``)."""
-    import fsspec
+    from dvsa.jsonfile import load_json
 
     path = posixpath.join(str(root).rstrip("/"), FEATURES_MANIFEST)
-    try:
-        with fsspec.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{root}: no {FEATURES_MANIFEST} (run `dvsa features` first)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return load_json(path, "no such file (run `dvsa features` first)")
 
 
 def mix_seed(seed: int, epoch: int) -> int:
