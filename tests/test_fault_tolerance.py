@@ -110,3 +110,12 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_resumes(ray_local, vg_s
     assert again.step == (epochs + 1) * steps_per_epoch and again.epoch == epochs + 1
     assert again.run_id == outcome.run_id and again.resumed      # the same MLflow run, reopened
     assert c.get_run(again.run_id).data.tags["changed.train.epochs"] == str(epochs + 1)
+
+    # and once more, already finished (as when a driver dies after the final checkpoint): nothing
+    # trains, and the run ends on that checkpoint's metrics, not on none
+    done = train(more, "caption")
+    fourth = _attempts(progress)[-1]
+    assert len(_attempts(progress)) == 4 and fourth["resumed"] and fourth["start_step"] == again.step
+    assert done.step == again.step and done.epoch == epochs + 1
+    assert done.metrics["val/loss"] == pytest.approx(again.metrics["val/loss"])
+    assert done.metrics["epoch"] == epochs + 1

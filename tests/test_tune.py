@@ -101,7 +101,10 @@ def test_space_domains_and_checks(tmp_path):
            ({"tune.search": "grid", "tune.space": {"train.lr": {"uniform": [0.1, 0.2]}}},
             "tune.search=grid needs grid or choice"),
            ({"tune.space": {"train.name": {"choice": ["a", "b"]}}}, "set by the sweep itself"),
-           ({"tune.metric": "loss"}, "tune.metric: 'loss' is not a reported metric"),
+           ({"tune.metric": "loss"}, "tune.metric: 'loss' is not a metric task=caption reports every epoch"),
+           ({"tune.metric": "val/rsum"}, "tune.metric: 'val/rsum' is not a metric task=caption"),
+           ({"tune.metric": "val/METEOR", "tune.mode": "min"}, "tune.mode: val/METEOR is better larger: use tune.mode=max"),
+           ({"train.use_gpu": True}, "tune.gpus_per_trial: 0, but train.use_gpu is true"),
            ({"tune.grace_period": 5}, "tune.grace_period: 5 epochs is more than train.epochs")]
     for dotted, msg in bad:
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("+", r"\+")):
@@ -123,6 +126,16 @@ def test_resources_and_concurrency_by_hand():
     assert space.max_concurrent(cfg.replace(**{"tune.max_concurrent_trials": 9}), {"CPU": 4.0}) == 6
     with pytest.raises(ConfigError, match="a trial needs 1.1 CPUs"):
         space.max_concurrent(cfg.replace(**{"tune.cpus_per_trial": 1.0}), {"CPU": 2.0})
+    # a cluster the sweep joined may autoscale (ray_cluster.yaml's GPU workers start at 0):
+    # no cap and no refusal; what fits now is only reported
+    vg = load_config(ROOT / "configs" / "tune_vg.yaml")           # 8.1 CPUs + 1 GPU per trial
+    space.check_sweep(vg)
+    with pytest.raises(ConfigError, match="a trial needs 8.1 CPUs"):
+        space.max_concurrent(vg, {"CPU": 8.0})
+    assert space.max_concurrent(vg, {"CPU": 8.0}, elastic=True) == vg.tune.max_concurrent_trials == 8
+    assert space.trials_that_fit(vg, {"CPU": 8.0}) == 0
+    assert space.trials_that_fit(vg, {"CPU": 8.0 + 4 * 16, "GPU": 4.0}) == 4
+    assert space.max_concurrent(vg, {"CPU": 8.0 + 4 * 16, "GPU": 4.0}) == 4
     # fractional GPUs: 4 single-worker trials share one GPU
     g = cfg.replace(**{"tune.gpus_per_trial": 0.25, "tune.max_concurrent_trials": 8, "tune.cpus_per_trial": 1.0})
     assert space.max_concurrent(g, {"CPU": 16.0, "GPU": 1.0}) == 4
@@ -163,9 +176,14 @@ def test_outcome_table_and_best_config(tmp_path):
     assert path.read_text().startswith("# best trial t_00000 of sweep sw: val/loss = 2.5")
 
 
-def test_cli_refuses_a_bad_sweep_in_one_line(tmp_path, capsys):
+def test_cli_refuses_a_bad_sweep_in_one_line(tmp_path, capsys, monkeypatch):
+    from dvsa import runtime
     from dvsa.cli import main
 
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was touched before the config was checked")
+
+    monkeypatch.setattr(runtime, "ray_session", no_ray)
     rc = main(["tune", "--config", str(ROOT / "configs" / "tune_tiny.yaml"), f"out={tmp_path}",
                "tune.space={}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -267,10 +285,39 @@ def test_optuna_four_concurrent_trials_lose_no_metric(ray_tune, shards, tmp_path
                 {s for s, _ in history(outcome.tracking_uri, r.run_id, "epoch")}), key
             assert len(history(outcome.tracking_uri, r.run_id, key)) == 2, key
         spans.append((run.info.start_time, run.info.end_time))
-    # the trials really ran side by side: some pair of child runs overlaps in time
-    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+    # the trials really ran side by side: at some moment all four child runs were open
+    events = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans])
+    open_runs = [0]
+    for _, d in events:
+        open_runs.append(open_runs[-1] + d)
+    assert max(open_runs) == 4, spans
     best = min(outcome.trials, key=lambda r: r.metric)
     assert outcome.best is best and load_config(outcome.best_config).task == "align"
+
+
+def test_time_budget_ends_the_sweep_and_closes_every_run(ray_tune, shards, tmp_path):
+    """tune.time_budget_s: Tune ends the sweep once the budget is spent; the trial it stops is
+    closed in MLflow (KILLED, early_stopped), never left RUNNING. Optuna and ASHA together."""
+    from dvsa.tuning import run_sweep
+
+    budget = 30
+    cfg = sweep_cfg(shards, tmp_path, "task=align", **{
+        "tune.name": "budget", "tune.search": "optuna", "tune.scheduler": "asha", "tune.num_samples": 3,
+        "tune.max_concurrent_trials": 1, "train.epochs": 60, "tune.grace_period": 1,
+        "tune.time_budget_s": budget, "tune.space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}})
+    t0 = time.monotonic()
+    outcome = run_sweep(cfg)
+    assert time.monotonic() - t0 < budget + 90
+    assert outcome.trials and not any(r.outcome == "finished" for r in outcome.trials)
+    c = mlflow_client(outcome.tracking_uri)
+    assert c.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    kids = children(outcome.tracking_uri, outcome.parent_run_id)
+    assert kids, "the stopped trial never opened its MLflow run"
+    for r in outcome.trials:
+        if r.trial_id in kids:
+            assert r.outcome == "early_stopped" and 0 <= r.epochs < 60
+            assert kids[r.trial_id].info.status == "KILLED"
+            assert kids[r.trial_id].data.tags["dvsa.trial_outcome"] == "early_stopped"
 
 
 # --------------------------------------------------------------------------- resume

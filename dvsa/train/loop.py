@@ -162,6 +162,7 @@ def run_worker(task: Task, config: dict) -> dict:
             state = load_state(d)
         model.load_state_dict(state["model"])
         step, epoch, resumed = int(state["step"]), int(state["epoch"]), True
+    ckpt_metrics = dict(state.get("metrics") or {}) if state is not None else {}
     common.seed_everything(t.seed + 1000003 * step + rank)   # data-order/dropout streams differ per rank and resume
 
     model = ray.train.torch.prepare_model(model)        # to device; DDP when world > 1
@@ -192,6 +193,12 @@ def run_worker(task: Task, config: dict) -> dict:
     samples: list = []
     max_steps = t.max_steps
     try:
+        if resumed and (epoch >= t.epochs or (max_steps and step >= max_steps)):
+            # resumed from the final checkpoint (e.g. the driver died between that checkpoint
+            # and the run's end): nothing to train; report its metrics once so that the run
+            # (and a Tune trial's scheduler) ends on them rather than on nothing
+            last_metrics = ckpt_metrics
+            ray.train.report(ckpt_metrics if rank == 0 else {"epoch": epoch, "step": step})
         while epoch < t.epochs and not (max_steps and step >= max_steps):
             model.train()
             t0 = time.perf_counter()

@@ -62,10 +62,36 @@ def check_sweep(cfg: Config) -> None:
             raise ConfigError(f"{where}: grid is not supported with tune.search=optuna (use choice)")
         if t.search == "grid" and kind not in ("grid", "choice"):
             raise ConfigError(f"{where}: tune.search=grid needs grid or choice values, got {kind}")
-    if not (t.metric.startswith("val/") or t.metric.startswith("train/")):
-        raise ConfigError(f"tune.metric: {t.metric!r} is not a reported metric (val/... or train/..., e.g. val/loss)")
+    reported = reported_metrics(cfg.task)
+    if t.metric not in reported:
+        raise ConfigError(f"tune.metric: {t.metric!r} is not a metric task={cfg.task} reports every epoch "
+                          f"(one of: {', '.join(reported)})")
+    if t.mode != reported[t.metric]:
+        better = "larger" if reported[t.metric] == "max" else "smaller"
+        raise ConfigError(f"tune.mode: {t.metric} is better {better}: use tune.mode={reported[t.metric]}")
+    if cfg.train.use_gpu and t.gpus_per_trial <= 0:
+        raise ConfigError("tune.gpus_per_trial: 0, but train.use_gpu is true: give each trial GPUs "
+                          "(e.g. tune.gpus_per_trial=1, or 0.25 for four single-worker trials per GPU) "
+                          "or set train.use_gpu=false")
     if t.scheduler == "asha" and t.grace_period > cfg.train.epochs:
         raise ConfigError(f"tune.grace_period: {t.grace_period} epochs is more than train.epochs={cfg.train.epochs}")
+
+
+def reported_metrics(task: str) -> dict[str, str]:
+    """``{metric: "min" | "max"}``: what a ``task`` training run reports every epoch (what a
+    sweep can rank trials by, and which way is better)."""
+    from dvsa.evaluation.captions import METRICS
+    from dvsa.evaluation.retrieval import KS
+
+    out = {"val/loss": "min", "train/epoch_loss": "min"}
+    if task == "align":
+        out["val/rsum"] = "max"
+        for d in ("i2t", "t2i"):
+            out.update({f"val/{d}_r{k}": "max" for k in KS})
+            out[f"val/{d}_medr"] = "min"
+    else:
+        out.update({f"val/{m}": "max" for m in METRICS})
+    return out
 
 
 def _plain(v: Any) -> Any:
@@ -157,23 +183,35 @@ def worker_settings(cfg: Config) -> dict:
     return out
 
 
-def max_concurrent(cfg: Config, cluster: dict) -> int:
-    """How many trials can run at once on ``cluster`` (``ray.cluster_resources()``), at most
-    ``tune.max_concurrent_trials``; Ray Data's tasks keep ``DATA_CPU_RESERVE`` CPUs.
-
-    Tune only sees the trial function's own CPUs, not its TorchTrainer's workers: without this
-    cap, trials would start whose workers cannot be placed (``WorkerGroupStartupTimeoutError``).
-    """
+def trials_that_fit(cfg: Config, cluster: dict) -> int:
+    """How many trials' workers ``cluster`` (``ray.cluster_resources()``) can hold at once, with
+    ``DATA_CPU_RESERVE`` CPUs kept for Ray Data's tasks."""
     t = cfg.tune
-    cpus = float(cluster.get("CPU", 0.0))
     per_trial = t.driver_cpus + t.cpus_per_trial
-    fit = math.floor((cpus - DATA_CPU_RESERVE) / per_trial + 1e-9)
+    fit = math.floor((float(cluster.get("CPU", 0.0)) - DATA_CPU_RESERVE) / per_trial + 1e-9)
     if t.gpus_per_trial > 0:
         fit = min(fit, math.floor(float(cluster.get("GPU", 0.0)) / t.gpus_per_trial + 1e-9))
+    return max(0, fit)
+
+
+def max_concurrent(cfg: Config, cluster: dict, elastic: bool = False) -> int:
+    """Trials to run at once: ``tune.max_concurrent_trials``, capped to what ``cluster`` holds.
+
+    Tune only sees the trial function's own CPUs, not its TorchTrainer's workers: on a fixed
+    cluster (the embedded local Ray) trials beyond what fits would only wait for resources that
+    never come, so the cap applies, and a cluster too small for one trial is a ConfigError.
+    ``elastic`` (a cluster the job joined, which may autoscale: ``ray_cluster.yaml``'s GPU
+    workers start at 0): no cap; the trials that do not fit yet wait for the autoscaler (Ray
+    Train retries a worker group that cannot be placed).
+    """
+    t = cfg.tune
+    if elastic:
+        return t.max_concurrent_trials
+    fit = trials_that_fit(cfg, cluster)
     if fit < 1:
         gpu = f" and {t.gpus_per_trial} GPU" if t.gpus_per_trial > 0 else ""
         raise ConfigError(
-            f"tune.cpus_per_trial: a trial needs {per_trial:g} CPUs (tune.driver_cpus + tune.cpus_per_trial)"
-            f"{gpu}, plus {DATA_CPU_RESERVE:g} CPU kept for Ray Data, but the cluster has {cpus:g} CPUs"
-            f" and {float(cluster.get('GPU', 0.0)):g} GPUs")
+            f"tune.cpus_per_trial: a trial needs {t.driver_cpus + t.cpus_per_trial:g} CPUs (tune.driver_cpus + "
+            f"tune.cpus_per_trial){gpu}, plus {DATA_CPU_RESERVE:g} CPU kept for Ray Data, but the cluster has "
+            f"{float(cluster.get('CPU', 0.0)):g} CPUs and {float(cluster.get('GPU', 0.0)):g} GPUs")
     return max(1, min(t.max_concurrent_trials, fit))

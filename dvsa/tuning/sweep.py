@@ -87,8 +87,14 @@ def run_sweep(cfg: Config) -> SweepOutcome:
             import ray
 
             log.info("Ray: %s", info["mode"])
-            concurrent = space.max_concurrent(cfg, ray.cluster_resources())
-            if concurrent < cfg.tune.max_concurrent_trials:
+            resources = ray.cluster_resources()
+            elastic = info["mode"] == "joined"
+            concurrent = space.max_concurrent(cfg, resources, elastic)
+            fit = space.trials_that_fit(cfg, resources)
+            if elastic and fit < concurrent:
+                log.warning("the cluster holds %d trial(s) at once now (%g CPUs, %g GPUs); the others wait for "
+                            "the autoscaler to add nodes", fit, resources.get("CPU", 0), resources.get("GPU", 0))
+            elif concurrent < cfg.tune.max_concurrent_trials:
                 log.warning("tune.max_concurrent_trials=%d lowered to %d: the cluster cannot place more "
                             "trials' workers at once", cfg.tune.max_concurrent_trials, concurrent)
             callback = MlflowTrials(uri, exp_id, parent.run_id, name, cfg.to_dict(), storage, child_tags)
@@ -113,6 +119,8 @@ def _tuner(cfg: Config, name: str, storage: str, exp_dir: str, manifest: dict, c
         space.trial_resources(cfg))
     if tune.Tuner.can_restore(exp_dir):
         log.info("restoring sweep %s from %s", name, exp_dir)
+        log.warning("a resumed sweep keeps the search space, scheduler, num_samples and concurrency it started "
+                    "with: tune.* settings changed since are not applied (start a new --name for those)")
         return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True), True
     t = cfg.tune
     tune_config = tune.TuneConfig(
