@@ -77,10 +77,14 @@ class Vocab:
                 "num_captions": self.num_captions}
 
     def save(self, path: str) -> None:
+        """Write ``vocab.json`` atomically (temporary name, then rename): a reader never sees
+        half a file, and a killed writer leaves the old one."""
         import fsspec
 
-        with fsspec.open(str(path), "w") as f:
-            json.dump(self.to_dict(), f)
+        from dvsa.data.shards import write_bytes_atomic
+
+        fs, p = fsspec.core.url_to_fs(str(path))
+        write_bytes_atomic(fs, p, json.dumps(self.to_dict()).encode())
 
     @classmethod
     def load(cls, path_or_url: str) -> "Vocab":

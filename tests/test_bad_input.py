@@ -104,7 +104,7 @@ def test_truncated_region_json_is_a_clear_error(bad_vg, tmp_path):
     root, split = bad_vg
     p = root / "region_descriptions.json"
     p.write_text(p.read_text()[:300])
-    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #\d+ .*byte \d+"):
+    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #\d+ .*read \d+ bytes"):
         prepare_vg(str(root), str(tmp_path / "out"), split_file=str(split), use_ray=False, progress=False)
 
 

@@ -280,3 +280,13 @@ def test_guide_covers_the_lifecycle_and_its_jobs_validate():
     for c in cmds:
         if "mlflow ui" in c or "mlflow server" in c:
             assert "--host 127.0.0.1" in c or "--host" not in c, c   # mlflow ui defaults to 127.0.0.1
+
+
+def test_ci_runs_the_readmes_commands_verbatim():
+    """The README's first lines give the two commands (demo, tests); CI runs the test one as is."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    commands = [ln.strip() for ln in readme[:12] if ln.startswith("    ")]
+    assert commands == ["bash scripts/setup.sh && .venv/bin/dvsa demo --out demo-out",
+                        "bash scripts/setup.sh && .venv/bin/python -m pytest -q tests"]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in [ln.strip() for ln in ci]

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from dvsa.boxes import iou
-from dvsa.data.prepare import check_balance, prepare_karpathy, prepare_vg
+from dvsa.data.prepare import check_balance, prepare_karpathy, prepare_vg, summary
 from dvsa.data.shards import iter_samples, list_shards, load_manifest, load_vocab
 from dvsa.errors import DataError
 from dvsa.text import Vocab
@@ -39,7 +39,14 @@ def test_vg_on_ray_balances_and_matches_truth(vg_ray, synth_world):
 
     assert m == load_manifest(str(out))
     check_balance(m)
-    assert m["run"]["ray"] and m["run"]["chunks"] == 4
+    # chunks of 16 images, each of one split (so val and test fill whole shards)
+    chunks = sum(-(-len(splits[s]) // 16) for s in ("train", "val", "test"))
+    assert m["run"]["ray"] and m["run"]["chunks"] == chunks
+    split_of_chunk = {}
+    for sh in m["shards"]:
+        chunk = int(sh["name"][-10:-4]) // 1000
+        assert split_of_chunk.setdefault(chunk, sh["split"]) == sh["split"], sh
+    assert len(split_of_chunk) == chunks
     assert m["inputs"]["images"] == 60 and m["inputs"]["regions"] == n_regions
     assert m["written"] == {"images": 60, "regions": n_regions, "sentences": 0}
     assert all(not v for v in m["dropped"].values())
@@ -89,8 +96,38 @@ def test_rerun_skips_finished_chunks(vg_ray, synth_world):
     out, m = vg_ray
     m2 = prepare_vg(out=str(out), chunk_images=16, shard_bytes=40_000, min_count=2, progress=False,
                     **vg_args(synth_world))
-    assert m2["run"]["chunks_skipped"] == 4
+    assert m2["run"]["chunks_skipped"] == m["run"]["chunks"]
     assert {k: v for k, v in m2.items() if k != "run"} == {k: v for k, v in m.items() if k != "run"}
+
+
+def test_rerun_redoes_the_chunks_whose_inputs_changed(synth_world, tmp_path):
+    """A finished chunk is skipped only while its inputs are unchanged: an edited phrase or a
+    replaced image file makes the re-run redo that chunk (and only it)."""
+    import shutil
+
+    world = tmp_path / "vg"
+    shutil.copytree(synth_world / "vg", world)
+    args = dict(root=str(world), split_file=str(world / "densecap_splits.json"), chunk_images=16,
+                use_ray=False, progress=False, min_count=1)
+    out = tmp_path / "out"
+    first = prepare_vg(out=str(out), **args)
+    n_chunks = first["run"]["chunks"]
+    train = load(world / "densecap_splits.json")["train"]
+    regions = load(world / "region_descriptions.json")
+    edited = next(e for e in regions if e["id"] == train[0])
+    edited["regions"][0]["phrase"] = "a zebra edited afterwards"
+    (world / "region_descriptions.json").write_text(json.dumps(regions))
+    second = prepare_vg(out=str(out), **args)
+    assert second["run"]["chunks_skipped"] == n_chunks - 1
+    meta = samples_of(out)[str(train[0])][1]
+    assert meta["regions"][0]["raw"] == "a zebra edited afterwards"
+    # an image replaced by another file (new size and time): its chunk is redone too
+    img = next(world.glob(f"VG_100K*/{train[-1]}.jpg"))
+    img.write_bytes(next(world.glob(f"VG_100K*/{train[0]}.jpg")).read_bytes())
+    third = prepare_vg(out=str(out), **args)
+    assert third["run"]["chunks_skipped"] == n_chunks - 1
+    assert samples_of(out)[str(train[-1])][0] == img.read_bytes()
+    assert prepare_vg(out=str(out), **args)["run"]["chunks_skipped"] == n_chunks
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(synth_world, tmp_path, monkeypatch):
@@ -169,7 +206,7 @@ def test_karpathy_with_proposals_and_leakage_guard(synth_world, tmp_path):
     m = prepare_karpathy(str(kp_json), out=str(tmp_path / "kp"), **common)
     check_balance(m)
     assert m["written"] == {"images": 60, "regions": 0, "sentences": 300}
-    assert m["leakage"]["train_images_in_vg_val_test"] == 0
+    assert m["leakage"]["images"] == 0
     truth = {t["image_id"]: t for t in load(synth_world / "truth.json")["images"]}
     for key, _, meta in iter_samples(str(tmp_path / "kp")):
         t = truth[int(key)]
@@ -186,8 +223,16 @@ def test_karpathy_with_proposals_and_leakage_guard(synth_world, tmp_path):
     leaky = tmp_path / "leaky.json"
     leaky.write_text(json.dumps(d))
     m = prepare_karpathy(str(leaky), out=str(tmp_path / "kp2"), **common)
-    assert m["leakage"]["train_images_in_vg_val_test"] == 2
+    assert m["leakage"]["images"] == 2
     assert m["leakage"]["examples"] == sorted(vg_test)
+    # the other direction: VG prepared after (or again) against those Karpathy shards
+    m_vg = prepare_vg(out=str(tmp_path / "vg2"), use_ray=False, progress=False,
+                      karpathy_shards=str(tmp_path / "kp2"), **vg_args(synth_world))
+    assert m_vg["leakage"]["images"] == 2 and m_vg["leakage"]["examples"] == sorted(vg_test)
+    assert "2 VG val/test images in the Karpathy train split" in summary(m_vg)
+    # shards of the wrong source are refused, not silently compared
+    with pytest.raises(DataError, match="holds 'karpathy' shards, not 'vg'"):
+        prepare_karpathy(str(kp_json), out=str(tmp_path / "kp3"), **{**common, "vg_shards": str(tmp_path / "kp2")})
 
 
 def test_check_balance_detects_a_mismatch(vg_ray):

@@ -49,7 +49,7 @@ def test_truncated_json_names_file_and_position(tmp_path):
     p.write_text('[{"id": 1, "regions": []}, {"id": 2, "regions": [{"phrase": "a')
     it = iter_items(str(p), "item")
     assert next(it) == {"id": 1, "regions": []}
-    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #1 .*byte \d+"):
+    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #1 .*read \d+ bytes"):
         next(it)
     with pytest.raises(DataError, match="no such file"):
         list(iter_items(str(tmp_path / "nope.json")))
@@ -114,3 +114,20 @@ def test_small_json_files_name_the_file_and_where(tmp_path):
         load_json(str(latin))
     with pytest.raises(DataError, match="is a directory"):
         load_json(str(tmp_path))
+
+
+def test_streamed_json_errors_are_readable(tmp_path):
+    """Bytes that are not UTF-8 inside region_descriptions.json: the error names the file and
+    the element, and quotes the parser's words as text (not a bytes repr)."""
+    from dvsa.data.jsonstream import iter_items
+
+    p = tmp_path / "region_descriptions.json"
+    p.write_bytes(b'[{"id": 1, "regions": []}, {"id": 2, "regions": [{"phrase": "caf\xe9"}]}]')
+    with pytest.raises(DataError) as e:
+        list(iter_items(str(p)))
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: malformed or truncated JSON in element #1 under 'item'")
+    assert "invalid bytes in UTF8 string" in msg and "b'" not in msg and '"phrase"' in msg
+    p.write_bytes(b'[{"id": 1, "regions": []}, {"id": 2, "regi')
+    with pytest.raises(DataError, match=r"element #1 .*premature EOF$"):
+        list(iter_items(str(p)))

@@ -47,3 +47,31 @@ def test_cli_stats(prepared, tmp_path, capsys):
     assert (tmp_path / "stats.png").stat().st_size > 1000
     assert json.loads((tmp_path / "stats.json").read_text())["split"] == "train"
     assert main(["stats", str(prepared / "vg"), "--split", "nosuch", "--out", str(tmp_path)]) == 1
+
+
+def test_streamed_median_equals_the_median_of_the_values():
+    import random
+    import statistics
+    from collections import Counter
+
+    from dvsa.data.stats import _median
+
+    rng = random.Random(0)
+    for n in (1, 2, 3, 4, 7, 10, 51):
+        values = [rng.randint(1, 6) for _ in range(n)]
+        assert _median(Counter(values)) == statistics.median(values), values
+    assert _median(Counter()) == 0.0
+
+
+def test_cli_stats_writes_to_an_fsspec_url(prepared, tmp_path, monkeypatch, capsys):
+    import fsspec
+
+    from dvsa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["stats", str(prepared / "vg"), str(prepared / "kp"), "--out", "memory://dvsa-stats/out"])
+    assert rc == 0 and "wrote memory://dvsa-stats/out/stats.json" in capsys.readouterr().out
+    fs = fsspec.filesystem("memory")
+    assert fs.cat("/dvsa-stats/out/stats.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(fs.cat("/dvsa-stats/out/stats.json"))["region"]["captions"] > 0
+    assert not list(tmp_path.iterdir())                  # nothing written into the working directory

@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
     v.add_argument("--val-images", type=int, default=None, help="without a split file: val size (default min(5000, N/10))")
     v.add_argument("--test-images", type=int, default=None, help="without a split file: test size (default min(5000, N/10))")
     v.add_argument("--min-count", type=int, default=15, help="vocabulary count threshold (paper: 15 for VG)")
+    v.add_argument("--karpathy-shards", default=None,
+                   help="prepared Karpathy-split shards: report VG val/test images in its train split")
     _common(v)
     k = sub.add_parser("karpathy", help="a Karpathy split file (dataset_coco.json, dataset_flickr30k.json, ...)")
     k.add_argument("--json", required=True, help="the split file")
@@ -45,7 +47,8 @@ def run(args) -> int:
                   address=args.address, num_cpus=args.num_cpus, verify=args.verify, use_ray=not args.no_ray, progress=not args.quiet)
     if args.source == "vg":
         m = prepare_vg(args.root, args.out, split_file=args.split_file, val_images=args.val_images,
-                       test_images=args.test_images, min_count=args.min_count, **common)
+                       test_images=args.test_images, min_count=args.min_count,
+                       karpathy_shards=args.karpathy_shards, **common)
     else:
         m = prepare_karpathy(args.json, args.images_root, args.out, proposals=args.proposals,
                              min_count=args.min_count, vg_shards=args.vg_shards, **common)

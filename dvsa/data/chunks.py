@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
+import os
 import posixpath
 import resource
 from collections import Counter, defaultdict
@@ -31,11 +33,31 @@ def record_path(base: str, chunk: int) -> str:
     return posixpath.join(base, RECORDS, f"chunk-{chunk:06d}.json")
 
 
+def _file_state(paths) -> tuple:
+    """(size, mtime_ns) of the first local file of ``paths`` that exists; () for URLs or none."""
+    for p in paths or ():
+        if "://" in p:
+            return ()
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        return (st.st_size, st.st_mtime_ns)
+    return ()
+
+
 def fingerprint(params: dict, items: list[dict]) -> str:
+    """What a chunk's output depends on: the parameters, every item's metadata (ids, split,
+    phrases, boxes, sentences, proposals: any edit of the input JSON changes it) and, for local
+    files, each image's size and modification time. A re-run redoes a chunk whose fingerprint
+    differs from its completion record's."""
     h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
     for it in items:
-        h.update(f"{it['image_id']}:{it['split']}:{it.get('paths')}:{len(it.get('regions') or ())}:"
-                 f"{len(it.get('sentences') or ())};".encode())
+        try:
+            h.update(marshal.dumps(it, 2))   # version 2: no back-references, so equal data -> equal bytes
+        except ValueError:                   # a type marshal does not write
+            h.update(repr(it).encode())
+        h.update(repr(_file_state(it.get("paths"))).encode())
     return h.hexdigest()
 
 

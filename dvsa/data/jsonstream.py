@@ -42,12 +42,23 @@ class _Counting(io.RawIOBase):
         return len(b)
 
 
+def _parser_words(e: Exception) -> str:
+    """yajl's message (bytes in the C backend) as text: its first line and the context line."""
+    raw = e.args[0] if e.args else ""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "(right here)" not in ln]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (f" near: {lines[1]}" if len(lines) > 1 else "")
+
+
 def iter_items(path: str, prefix: str = "item") -> Iterator[Any]:
     """Yield each element under ``prefix`` (ijson syntax: ``item`` = top-level list elements,
     ``images.item`` = elements of the top-level key ``images``), floats as float.
 
-    Malformed or truncated JSON raises :class:`DataError` naming the file, the element index
-    and the byte position the parser had reached.
+    Malformed or truncated JSON (or bytes that are not UTF-8) raises :class:`DataError` naming
+    the file, the element index, how far the parser had read (it reads in blocks, so the error
+    lies at most one block before that) and the parser's own words with the text around it.
     """
     try:
         f = fsspec.open(str(path), "rb").open()
@@ -60,8 +71,7 @@ def iter_items(path: str, prefix: str = "item") -> Iterator[Any]:
             yield item
             k += 1
     except ijson.JSONError as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: malformed or truncated JSON in element #{k} under '{prefix}' "
-                        f"(parser at byte {counting.pos} of the file): {msg}") from None
+                        f"(the parser had read {counting.pos} bytes of the file): {_parser_words(e)}") from None
     finally:
         f.close()

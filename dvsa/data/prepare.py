@@ -115,14 +115,20 @@ class _Runner:
 
 
 def _chunked(items: Iterable[dict], size: int) -> Iterator[tuple[int, list[dict]]]:
-    buf, k = [], 0
+    """Numbered chunks of ``size`` items, each of one split: a chunk writes one run of shards,
+    so the 5,000 val and test images fill whole shards instead of a small one per mixed chunk."""
+    bufs: dict[str, list[dict]] = {}
+    k = 0
     for it in items:
+        buf = bufs.setdefault(it["split"], [])
         buf.append(it)
         if len(buf) >= size:
             yield k, buf
-            buf, k = [], k + 1
-    if buf:
-        yield k, buf
+            bufs[it["split"]], k = [], k + 1
+    for split in sorted(bufs):
+        if bufs[split]:
+            yield k, bufs[split]
+            k += 1
 
 
 class _RegionIds:
@@ -174,9 +180,23 @@ def _run(source: str, out: str, params: dict, items: Iterable[dict], driver_drop
     fs, base = fsspec.core.url_to_fs(str(out))
     fs.makedirs(posixpath.join(base, RECORDS), exist_ok=True)
     bar = tqdm(total=total_images, unit="img", desc=f"prepare {source}", disable=not progress or None)
+    # the big parts of chunk records are folded in as they arrive (not kept per chunk)
+    totals = {"tokens": Counter(), "coco_ids": {}}
+    done = {"chunks": 0, "images": 0, "logged": time.monotonic()}
 
     def on_done(rec, n):
+        totals["tokens"].update(rec.pop("tokens", {}))
+        for s, ids in rec.pop("coco_ids", {}).items():
+            totals["coco_ids"].setdefault(s, []).extend(ids)
         bar.update(n)
+        done["chunks"] += 1
+        done["images"] += n
+        if progress and bar.disable and time.monotonic() - done["logged"] >= 30:
+            # no terminal (ray job submit's log, CI): a line every 30 s instead of a bar
+            done["logged"] = time.monotonic()
+            of = f" of {total_images:,}" if total_images else ""
+            log.info("prepare %s: %d chunks, %s images%s (%.0f s)", source, done["chunks"],
+                     f"{done['images']:,}", of, time.perf_counter() - t0)
 
     def go(ray_mod):
         runner = _Runner(str(out), params, use_ray, ray_mod, on_done)
@@ -190,7 +210,8 @@ def _run(source: str, out: str, params: dict, items: Iterable[dict], driver_drop
     else:
         records, skipped = go(None)
     bar.close()
-    manifest = _finalize(source, out, fs, base, params, records, driver_dropped, driver_inputs, input_files)
+    manifest = _finalize(source, out, fs, base, params, records, totals, driver_dropped, driver_inputs,
+                         input_files)
     manifest["run"] = {"seconds": round(time.perf_counter() - t0, 3), "chunks": len(records),
                        "chunks_skipped": skipped, "ray": use_ray}
     if extra:
@@ -199,7 +220,7 @@ def _run(source: str, out: str, params: dict, items: Iterable[dict], driver_drop
     return manifest
 
 
-def _finalize(source, out, fs, base, params, records, driver_dropped, driver_inputs, input_files) -> dict:
+def _finalize(source, out, fs, base, params, records, totals, driver_dropped, driver_inputs, input_files) -> dict:
     chunks = sorted(records)
     # drop leftovers of a previous run with other inputs: shards and records of unknown chunks
     listed = {s["name"] for c in chunks for s in records[c]["shards"]}
@@ -215,9 +236,9 @@ def _finalize(source, out, fs, base, params, records, driver_dropped, driver_inp
     splits = {s: Counter() for s in SPLITS}
     dropped = {k: Counter(v) for k, v in driver_dropped.items()}
     inputs = Counter(driver_inputs)
-    info, tokens = Counter(), Counter()
+    info = Counter()
+    tokens, coco_ids = totals["tokens"], totals["coco_ids"]
     train_captions, bytes_in, max_rss = 0, 0, 0.0
-    coco_ids: dict[str, list] = {}
     shards = []
     for c in chunks:
         rec = records[c]
@@ -227,12 +248,9 @@ def _finalize(source, out, fs, base, params, records, driver_dropped, driver_inp
             dropped.setdefault(k, Counter()).update(v)
         inputs.update(rec["inputs"])
         info.update(rec["info"])
-        tokens.update(rec["tokens"])
         train_captions += rec["train_captions"]
         bytes_in += rec["bytes_in"]
         max_rss = max(max_rss, rec.get("worker_max_rss_mb", 0.0))
-        for s, ids in rec["coco_ids"].items():
-            coco_ids.setdefault(s, []).extend(ids)
         shards += rec["shards"]
     for s, cnt in splits.items():
         cnt["shards"] = sum(1 for sh in shards if sh["split"] == s)
@@ -296,6 +314,17 @@ def _params(source: str, **kw) -> dict:
     return p
 
 
+def _other_coco_ids(shards: str, source: str, splits: tuple[str, ...]) -> set:
+    """coco ids of ``splits`` in the manifest of prepared ``source`` shards (the leakage guard)."""
+    from dvsa.data.shards import load_manifest
+
+    m = load_manifest(shards)
+    if m.get("source") != source:
+        raise DataError(f"{shards}: holds {m.get('source')!r} shards, not {source!r} (the leakage guard "
+                        f"compares against prepared {source} shards)")
+    return {i for s in splits for i in m.get("coco_ids", {}).get(s, [])}
+
+
 # --------------------------------------------------------------------------- VG
 
 
@@ -304,10 +333,16 @@ def prepare_vg(root: str, out: str, split_file: str | None = None, val_images: i
                max_side: int | None = None, min_count: int = 15,
                chunk_images: int = DEFAULT_CHUNK_IMAGES, address: str | None = None,
                num_cpus: int | None = None, use_ray: bool = True, progress: bool = True,
-               verify: str = "decode") -> dict:
+               verify: str = "decode", karpathy_shards: str | None = None) -> dict:
     """Visual Genome v1.2 under ``root`` -> shards under ``out`` (a path or fsspec URL).
-    Returns the manifest (also written to ``out/manifest.json``)."""
+    Returns the manifest (also written to ``out/manifest.json``).
+
+    ``karpathy_shards``: prepared Karpathy-split shards; VG val/test images whose ``coco_id``
+    is among their train images are reported (manifest ``leakage``): a full-frame model
+    trained there would be evaluated on images it trained on.
+    """
     root = str(root).rstrip("/")
+    kp_train = _other_coco_ids(karpathy_shards, "karpathy", ("train",)) if karpathy_shards else None
     params = _params("vg", shard_bytes=int(shard_bytes), max_side=max_side, min_count=int(min_count), verify=verify,
                      chunk_images=int(chunk_images), split_file=str(split_file) if split_file else None)
     image_data = vg.read_image_data(root)
@@ -377,6 +412,13 @@ def prepare_vg(root: str, out: str, split_file: str | None = None, val_images: i
             d = manifest["dropped"].setdefault("images", {})
             d["no_region_entry"] = d.get("no_region_entry", 0) + len(missing)
         manifest["info"].update(info_extra)
+        if kp_train is not None:
+            leaked = sorted({i for s in ("val", "test") for i in manifest["coco_ids"].get(s, []) if i in kp_train})
+            manifest["leakage"] = {"karpathy_shards": str(karpathy_shards), "images": len(leaked),
+                                   "what": "VG val/test images in the Karpathy train split", "examples": leaked[:20]}
+            if leaked:
+                log.warning("leakage: %d VG val/test images are Karpathy train images (coco ids e.g. %s)",
+                            len(leaked), leaked[:5])
         check_balance(manifest)
 
     manifest = _run("vg", out, params, items(), dropped, inputs, files, address, num_cpus, use_ray, progress,
@@ -407,13 +449,7 @@ def prepare_karpathy(json_path: str, images_root: str, out: str, proposals: str 
     params = _params("karpathy", shard_bytes=int(shard_bytes), max_side=max_side, min_count=int(min_count), verify=verify,
                      chunk_images=int(chunk_images), proposals=str(proposals) if proposals else None)
     props = kp.load_proposals(proposals) if proposals else None
-    vg_eval: set = set()
-    if vg_shards:
-        from dvsa.data.shards import load_manifest
-
-        m = load_manifest(vg_shards)
-        for s in ("val", "test"):
-            vg_eval.update(m.get("coco_ids", {}).get(s, []))
+    vg_eval = _other_coco_ids(vg_shards, "vg", ("val", "test")) if vg_shards else set()
     dropped = {"images": Counter(), "regions": Counter(), "sentences": Counter()}
     inputs = Counter()
     seen: set[int] = set()
@@ -453,7 +489,8 @@ def prepare_karpathy(json_path: str, images_root: str, out: str, proposals: str 
 
     def extra(manifest: dict) -> None:
         if vg_shards:
-            manifest["leakage"] = {"vg_shards": str(vg_shards), "train_images_in_vg_val_test": len(leaked),
+            manifest["leakage"] = {"vg_shards": str(vg_shards), "images": len(leaked),
+                                   "what": "Karpathy train images in the VG val/test splits",
                                    "examples": sorted(leaked)[:20]}
             if leaked:
                 log.warning("leakage: %d Karpathy train images are VG val/test images (coco ids e.g. %s)",
@@ -490,7 +527,7 @@ def summary(manifest: dict) -> str:
         lines.append("notes: " + ", ".join(f"{k}={v}" for k, v in manifest["info"].items()))
     lines.append(f"vocab: {manifest['vocab']['size']} words (min count {manifest['vocab']['min_count']})")
     if "leakage" in manifest:
-        lines.append(f"leakage guard: {manifest['leakage']['train_images_in_vg_val_test']} train images are in VG val/test")
+        lines.append(f"leakage guard: {manifest['leakage']['images']} {manifest['leakage']['what']}")
     run = manifest.get("run", {})
     lines.append(f"inputs balance: images {manifest['inputs']['images']}, regions {manifest['inputs']['regions']}, "
                  f"sentences {manifest['inputs']['sentences']} = written + dropped; "

@@ -1,49 +1,89 @@
 """Region-level vs full-image caption statistics of prepared shards (the paper's contrast:
-region captions are short and many per image, full-image sentences longer and few)."""
+region captions are short and many per image, full-image sentences longer and few).
+
+Counts are streamed: a length histogram and a word counter per kind, never the captions, so
+4.1M region phrases take the memory of their vocabulary only.
+"""
 
 from __future__ import annotations
 
-import statistics
+import io
 from collections import Counter
+from typing import Iterable
+
+import fsspec
 
 from dvsa.data.shards import iter_samples
 
 KINDS = {"region": "region captions", "full_image": "full-image sentences"}
 
 
+class Tally:
+    """Running counts of one kind of caption: images, a length histogram, word counts."""
+
+    def __init__(self):
+        self.images = 0
+        self.lengths: Counter = Counter()
+        self.words: Counter = Counter()
+
+    def add_image(self, captions: Iterable[list[str]]) -> None:
+        self.images += 1
+        for c in captions:
+            self.lengths[len(c)] += 1
+            self.words.update(c)
+
+    def stats(self, top: int = 20) -> dict:
+        n = sum(self.lengths.values())
+        total_words = sum(k * v for k, v in self.lengths.items())
+        return {
+            "captions": n,
+            "images": self.images,
+            "captions_per_image": n / self.images if self.images else 0.0,
+            "length_mean": total_words / n if n else 0.0,
+            "length_median": _median(self.lengths),
+            "length_max": max(self.lengths, default=0),
+            "length_histogram": {str(k): self.lengths[k] for k in sorted(self.lengths)},
+            "vocabulary": len(self.words),
+            "vocabulary_min5": sum(1 for c in self.words.values() if c >= 5),
+            "words_per_image": total_words / self.images if self.images else 0.0,
+            "top_words": self.words.most_common(top),
+        }
+
+
+def _median(hist: Counter) -> float:
+    """The median of the values counted in ``hist`` (mean of the two middle ones for an even count)."""
+    n = sum(hist.values())
+    if not n:
+        return 0.0
+    lo, hi, seen = None, None, 0
+    for value in sorted(hist):
+        seen += hist[value]
+        if lo is None and seen >= (n + 1) // 2:
+            lo = value
+        if seen >= n // 2 + 1:
+            hi = value
+            break
+    return lo if n % 2 else (lo + hi) / 2
+
+
 def caption_stats(captions: list[list[str]], images: int, top: int = 20) -> dict:
     """Statistics of token lists ``captions`` drawn from ``images`` images."""
-    lengths = [len(c) for c in captions]
-    words = Counter(w for c in captions for w in c)
-    hist = Counter(lengths)
-    return {
-        "captions": len(captions),
-        "images": images,
-        "captions_per_image": len(captions) / images if images else 0.0,
-        "length_mean": statistics.fmean(lengths) if lengths else 0.0,
-        "length_median": statistics.median(lengths) if lengths else 0.0,
-        "length_max": max(lengths, default=0),
-        "length_histogram": {str(k): hist[k] for k in sorted(hist)},
-        "vocabulary": len(words),
-        "vocabulary_min5": sum(1 for c in words.values() if c >= 5),
-        "words_per_image": sum(lengths) / images if images else 0.0,
-        "top_words": words.most_common(top),
-    }
+    t = Tally()
+    t.add_image(captions)
+    t.images = images
+    return t.stats(top)
 
 
 def collect(roots: list[str], split: str | None = "train", top: int = 20) -> dict:
     """``{"region": stats, "full_image": stats}`` over every sample of ``roots`` (one split)."""
-    caps = {"region": [], "full_image": []}
-    imgs = {"region": 0, "full_image": 0}
+    tallies = {"region": Tally(), "full_image": Tally()}
     for root in roots:
         for _, _, meta in iter_samples(root, split):
             if meta.get("regions"):
-                imgs["region"] += 1
-                caps["region"].extend(r["tokens"] for r in meta["regions"])
+                tallies["region"].add_image(r["tokens"] for r in meta["regions"])
             if meta.get("sentences"):
-                imgs["full_image"] += 1
-                caps["full_image"].extend(s["tokens"] for s in meta["sentences"])
-    return {k: caption_stats(caps[k], imgs[k], top) for k in caps}
+                tallies["full_image"].add_image(s["tokens"] for s in meta["sentences"])
+    return {k: t.stats(top) for k, t in tallies.items()}
 
 
 def table(stats: dict, top: int = 10) -> str:
@@ -67,7 +107,7 @@ def plot(stats: dict, path: str, top: int = 15) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for kind, label in KINDS.items():
         h = stats[kind]["length_histogram"]
         n = max(stats[kind]["captions"], 1)
@@ -75,10 +115,24 @@ def plot(stats: dict, path: str, top: int = 15) -> None:
         axes[0].plot(xs, [h[str(x)] / n for x in xs], marker="o", label=label)
     axes[0].set(title="caption length", xlabel="words", ylabel="fraction of captions")
     axes[0].legend()
-    for ax, kind in zip(axes[1:], KINDS):
+    for ax, kind in zip(axes[1:3], KINDS):
         words = stats[kind]["top_words"][:top]
         ax.barh([w for w, _ in reversed(words)], [c for _, c in reversed(words)])
         ax.set(title=f"top words: {KINDS[kind]}", xlabel="count")
+    # the per-image and vocabulary contrast, side by side per kind
+    ax = axes[3]
+    measures = [("captions / image", "captions_per_image"), ("words / image", "words_per_image"),
+                ("vocabulary / 100", "vocabulary")]
+    xs = range(len(measures))
+    for i, (kind, label) in enumerate(KINDS.items()):
+        vals = [stats[kind][key] / (100 if key == "vocabulary" else 1) for _, key in measures]
+        ax.bar([x + 0.4 * i for x in xs], vals, width=0.4, label=label)
+    ax.set_xticks([x + 0.2 for x in xs], [m for m, _ in measures])
+    ax.set(title="per image and vocabulary")
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    with fsspec.open(str(path), "wb") as f:       # a local path or any fsspec URL
+        f.write(buf.getvalue())
