@@ -307,7 +307,7 @@ def test_time_budget_ends_the_sweep_and_closes_every_run(ray_tune, shards, tmp_p
         "tune.time_budget_s": budget, "tune.space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}})
     t0 = time.monotonic()
     outcome = run_sweep(cfg)
-    assert time.monotonic() - t0 < budget + 90
+    assert time.monotonic() - t0 < budget + 120
     assert outcome.trials and not any(r.outcome == "finished" for r in outcome.trials)
     c = mlflow_client(outcome.tracking_uri)
     assert c.get_run(outcome.parent_run_id).info.status == "FINISHED"
@@ -315,7 +315,7 @@ def test_time_budget_ends_the_sweep_and_closes_every_run(ray_tune, shards, tmp_p
     assert kids, "the stopped trial never opened its MLflow run"
     for r in outcome.trials:
         if r.trial_id in kids:
-            assert r.outcome == "early_stopped" and 0 <= r.epochs < 60
+            assert r.outcome == "early_stopped" and 0 <= r.epochs < 60   # 0: stopped before its first report
             assert kids[r.trial_id].info.status == "KILLED"
             assert kids[r.trial_id].data.tags["dvsa.trial_outcome"] == "early_stopped"
 

@@ -158,7 +158,9 @@ def _outcome(cfg: Config, name: str, exp_dir: str, uri: str, exp_id: str, parent
         if r.error is not None:
             outcome = ERROR
         elif "epoch" not in m:
-            outcome = "not_run"
+            # started (its MLflow run is open) but stopped before its first epoch ended (the time
+            # budget, or the scheduler), else never started
+            outcome = EARLY_STOPPED if tid in runs else "not_run"
         else:
             outcome = trial_outcome(m, tcfg.train.epochs, tcfg.train.max_steps)
         err = None
