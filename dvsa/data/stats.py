@@ -26,8 +26,9 @@ class Tally:
         self.lengths: Counter = Counter()
         self.words: Counter = Counter()
 
-    def add_image(self, captions: Iterable[list[str]]) -> None:
-        self.images += 1
+    def add(self, captions: Iterable[list[str]], images: int = 1) -> None:
+        """Count ``captions`` (token lists) drawn from ``images`` images (one, when scanning)."""
+        self.images += images
         for c in captions:
             self.lengths[len(c)] += 1
             self.words.update(c)
@@ -69,8 +70,7 @@ def _median(hist: Counter) -> float:
 def caption_stats(captions: list[list[str]], images: int, top: int = 20) -> dict:
     """Statistics of token lists ``captions`` drawn from ``images`` images."""
     t = Tally()
-    t.add_image(captions)
-    t.images = images
+    t.add(captions, images)
     return t.stats(top)
 
 
@@ -80,9 +80,9 @@ def collect(roots: list[str], split: str | None = "train", top: int = 20) -> dic
     for root in roots:
         for _, _, meta in iter_samples(root, split):
             if meta.get("regions"):
-                tallies["region"].add_image(r["tokens"] for r in meta["regions"])
+                tallies["region"].add(r["tokens"] for r in meta["regions"])
             if meta.get("sentences"):
-                tallies["full_image"].add_image(s["tokens"] for s in meta["sentences"])
+                tallies["full_image"].add(s["tokens"] for s in meta["sentences"])
     return {k: t.stats(top) for k, t in tallies.items()}
 
 

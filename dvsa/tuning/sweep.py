@@ -157,11 +157,9 @@ def _outcome(cfg: Config, name: str, exp_dir: str, uri: str, exp_id: str, parent
         tcfg = trial_config(cfg, params, name, tid, cfg.train.storage_path)
         if r.error is not None:
             outcome = ERROR
-        elif "epoch" not in m:
-            # started (its MLflow run is open) but stopped before its first epoch ended (the time
-            # budget, or the scheduler), else never started
-            outcome = EARLY_STOPPED if tid in runs else "not_run"
-        else:
+        elif "epoch" not in m and tid not in runs:
+            outcome = "not_run"     # never started (no MLflow run); a started trial stopped before
+        else:                       # its first report is early_stopped, as its run says
             outcome = trial_outcome(m, tcfg.train.epochs, tcfg.train.max_steps)
         err = None
         if r.error is not None:
