@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dvsa.config import Config  # noqa: E402
-from dvsa.models.captioner import Captioner  # noqa: E402
-from dvsa.models.decoding import beam_search  # noqa: E402
+from dvsa.config import Config
+from dvsa.models.captioner import Captioner
+from dvsa.models.decoding import beam_search
 
 
 def main() -> int:

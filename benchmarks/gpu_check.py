@@ -11,8 +11,8 @@ each recorded in the results JSON with its outcome, so one failure does not hide
    baseline a user would otherwise get), each: step time (mean, p50), images/s, captions/s
    and peak GPU memory (``torch.cuda.max_memory_allocated``).
 3. ``nccl``: ``torch.distributed`` with the NCCL backend, one rank: an all_reduce with a known
-   answer, then the time of an all_reduce of 256 MiB (one rank: NCCL's local path); and, when Ray is importable, the same through a
-   1-worker ``TorchTrainer(use_gpu=True)`` (NCCL backend) as the jobs use it.
+   answer, then the time of an all_reduce of 256 MiB (one rank: NCCL's local path); and, when Ray
+   is importable, the same through a 1-worker ``TorchTrainer(use_gpu=True)`` (NCCL backend) as the jobs use it.
 4. ``ray_job``: when ray, mlflow, webdataset, pycocoevalcap and Java are all present, the real
    ``python -m jobs.train_caption`` with ``train.use_gpu=true``; its MLflow run's
    ``train/images_per_s`` and final metrics. Skipped, with the reason, otherwise.
@@ -102,8 +102,9 @@ def make_shards(work: Path, images: int, image_size: int) -> dict:
           "--image-size", str(image_size)], timeout=600)
     _run([py, "-m", "dvsa.cli", "prepare", "vg", "--root", str(world / "vg"), "--out", str(shards),
           "--min-count", "1", "--no-ray", "--quiet"], timeout=600)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    splits = {k: v.get("images") for k, v in (manifest.get("splits") or {}).items()}
+    from dvsa.data.manifest import Manifest
+
+    splits = {k: c.images for k, c in Manifest.read(str(shards)).splits.items()}
     return {"shards": str(shards), "images": splits}
 
 
@@ -113,10 +114,10 @@ def _host_batches(cfg, shards: str, vocab, batch_size: int) -> list[dict]:
 
     from dvsa.data.shards import iter_samples
     from dvsa.ingest.builder import BatchBuilder, IngestSpec
-    from dvsa.ingest.dataset import resolve_task, rows_per_image
+    from dvsa.ingest.dataset import resolve_layout, rows_per_image
 
-    task = resolve_task("caption", cfg)
-    spec = IngestSpec(task=task, image_size=cfg.data.image_size, rows=rows_per_image(task, cfg),
+    layout = resolve_layout("caption", cfg)
+    spec = IngestSpec(layout=layout, image_size=cfg.data.image_size, rows=rows_per_image(layout, cfg),
                       max_len=cfg.data.max_len, seed=0, epoch=0, randomize=True,
                       decoder=cfg.data.jpeg_decoder)
     builder = BatchBuilder(spec, vocab)
@@ -136,9 +137,9 @@ def _host_batches(cfg, shards: str, vocab, batch_size: int) -> list[dict]:
 def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: int, steps: int) -> dict:
     import torch
 
-    from dvsa.train import common
+    from dvsa.models.build import build_model
     from dvsa.models.optim import build_optimizer, clip_gradients
-    from dvsa.train.build import build_model
+    from dvsa.train import common
     from dvsa.train.caption import caption_batch_loss
 
     common.seed_everything(cfg.train.seed)

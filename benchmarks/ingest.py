@@ -121,7 +121,7 @@ class _WdsRows:
             img, (w, h) = decode_resize(sample["jpg"], self.spec.image_size, "pil")
         from dvsa.ingest.samples import select
 
-        sel = select(self.spec.task, meta, self.spec.rows, None)
+        sel = select(self.spec.layout, meta, self.spec.rows, None)
         row = {"images": img, "image_id": np.int64(meta["image_id"])}
         row.update(b._boxes(meta, sel, w, h))
         row.update(b._tokens(sel))
@@ -196,7 +196,7 @@ def main() -> int:
             # the read runs inside the actors (fused): all C CPUs decode
             "ray_actors": Config().replace(**{**base, "data.decode_pool": "actors"}),
         }
-        spec = IngestSpec(task="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
+        spec = IngestSpec(layout="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
         ray.init(num_cpus=args.cpus, include_dashboard=False, _temp_dir=os.path.join(work, "ray"),
                  log_to_driver=False, configure_logging=False)
         from dvsa.ingest import build_dataset

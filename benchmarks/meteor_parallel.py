@@ -18,6 +18,7 @@ parallel scores equal the single-process ones.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,8 +74,8 @@ def main() -> int:
 
     gts, res, _ = prepare(refs, hyps)  # coco-caption's tokenisation, for the baseline
     meteor = Meteor()
-    (m_cold, _), t_cold = timed(lambda: meteor.compute_score(gts, res))
-    (m_warm, _), t_warm = timed(lambda: meteor.compute_score(gts, res))
+    (m_cold, _), t_cold = timed(functools.partial(meteor.compute_score, gts, res))
+    (m_warm, _), t_warm = timed(functools.partial(meteor.compute_score, gts, res))
     del meteor
     rows.append(("pycocoevalcap Meteor (METEOR only), cold", t_cold))
     rows.append(("pycocoevalcap Meteor (METEOR only), warm", t_warm))

@@ -84,7 +84,8 @@ def write_metadata(root: Path, images: int, phrases: int, seed: int = 0) -> dict
                 rid += 1
             f.write(("," if i else "") + f'{{"regions": [{", ".join(regs)}], "id": {i + 1}}}')
         f.write("]")
-    return {"images": images, "phrases": rid - 1, "region_json_mb": (root / "region_descriptions.json").stat().st_size / 1e6}
+    region_json_mb = (root / "region_descriptions.json").stat().st_size / 1e6
+    return {"images": images, "phrases": rid - 1, "region_json_mb": region_json_mb}
 
 
 # --------------------------------------------------------------------------- process-tree RSS
@@ -165,7 +166,7 @@ def run_measured(cmd: list[str]) -> tuple[float, dict, str]:
 
 def pixel_path(work: Path, images: int) -> dict:
     from dvsa.data.images import prepare_image
-    from dvsa.data.prepare import prepare_vg
+    from dvsa.data.prepare import PrepareOptions, VGSource, prepare_vg
     from dvsa.data.shards import ShardWriter
     from dvsa.data.synth import SynthOptions, write_world
 
@@ -210,11 +211,11 @@ def pixel_path(work: Path, images: int) -> dict:
             out = work / f"pixels-shards-{verify}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            m = prepare_vg(str(world / "vg"), str(out), split_file=str(world / "vg" / "densecap_splits.json"),
-                           use_ray=False, progress=False, chunk_images=images, verify=verify)
+            m = prepare_vg(VGSource(str(world / "vg"), split_file=str(world / "vg" / "densecap_splits.json")),
+                           str(out), PrepareOptions(use_ray=False, progress=False, chunk_images=images, verify=verify))
             times.append(time.perf_counter() - t0)
         s = min(times)
-        mb_s = m["inputs"]["image_bytes_read"] / 1e6 / s
+        mb_s = m.input_details["image_bytes_read"] / 1e6 / s
         res[f"prepare_{verify}_s"] = s
         res[f"prepare_{verify}_mb_s"] = mb_s
         res[f"ratio_{verify}_over_copy"] = mb_s / res["copy_mb_s"]
@@ -257,21 +258,25 @@ def main() -> None:
         code = ("import json,sys,time;t=time.perf_counter();d=json.load(open(sys.argv[1]));"
                 "print(sum(len(e['regions']) for e in d), time.perf_counter()-t)")
         wall, peak, out = run_measured([py, "-c", code, str(root / "region_descriptions.json")])
-        baseline = {"what": "json.load(region_descriptions.json) alone", "wall_s": wall, "peak_rss_mb": peak["driver_mb"]}
+        baseline = {"what": "json.load(region_descriptions.json) alone", "wall_s": wall,
+                    "peak_rss_mb": peak["driver_mb"]}
 
     out_dir = work / "shards"
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [py, "-m", "dvsa.cli", "prepare", "vg", "--root", str(root), "--out", str(out_dir), "--quiet",
            "--num-cpus", str(args.num_cpus), "--chunk-images", str(args.chunk_images)]
     wall, peak, log = run_measured(cmd)
-    m = json.loads((out_dir / "manifest.json").read_text())
+    from dvsa.data.manifest import Manifest
+
+    m = Manifest.read(str(out_dir))
     res = {
-        "scale": args.scale, "images": gen["images"], "phrases": gen["phrases"], "region_json_mb": gen["region_json_mb"],
+        "scale": args.scale, "images": gen["images"], "phrases": gen["phrases"],
+        "region_json_mb": gen["region_json_mb"],
         "cpus": os.cpu_count(), "ray_cpus": args.num_cpus, "chunk_images": args.chunk_images,
-        "prepare_wall_s": wall, "prepare_inner_s": m["run"]["seconds"],
+        "prepare_wall_s": wall, "prepare_inner_s": m.sections["run"]["seconds"],
         "captions_per_s": gen["phrases"] / wall,
-        "regions_written": m["written"]["regions"], "regions_dropped": m["dropped"].get("regions", {}),
-        "vocab_size": m["vocab"]["size"], "shards": len(m["shards"]),
+        "regions_written": m.written["regions"], "regions_dropped": m.dropped("regions"),
+        "vocab_size": m.vocab.size, "shards": len(m.shards),
         "peak_rss_driver_mb": peak["driver_mb"], "peak_rss_workers_mb": peak["workers_mb"],
         "peak_rss_driver_plus_workers_mb": peak["driver_mb"] + peak["workers_mb"],
         "peak_rss_process_tree_mb": peak["tree_mb"], "worker_max_rss_mb_self_reported": m["worker_max_rss_mb"],
@@ -291,7 +296,8 @@ def table(res: dict) -> str:
         ("prepare wall (incl. Ray start)", f"{res['prepare_wall_s']:.1f} s"),
         ("captions / s", f"{res['captions_per_s']:,.0f}"),
         ("peak RSS driver + workers", f"{res['peak_rss_driver_plus_workers_mb']:.0f} MB "
-                                      f"(driver {res['peak_rss_driver_mb']:.0f}, workers {res['peak_rss_workers_mb']:.0f})"),
+                                      f"(driver {res['peak_rss_driver_mb']:.0f}, "
+                                      f"workers {res['peak_rss_workers_mb']:.0f})"),
         ("peak RSS whole tree (Ray services too)", f"{res['peak_rss_process_tree_mb']:.0f} MB"),
     ]
     if base:
@@ -301,7 +307,8 @@ def table(res: dict) -> str:
     ]
     for verify in ("markers", "decode"):
         if f"image_path_{verify}_mb_s" in px:
-            rows.append((f"pixel path: read + verify {verify} + shard write", f"{px[f'image_path_{verify}_mb_s']:.0f} MB/s "
+            rows.append((f"pixel path: read + verify {verify} + shard write",
+                         f"{px[f'image_path_{verify}_mb_s']:.0f} MB/s "
                          f"({px[f'ratio_image_path_{verify}_over_copy']:.2f} x copy)"))
         rows.append((f"pixel path: whole prepare --verify {verify}", f"{px[f'prepare_{verify}_mb_s']:.0f} MB/s "
                      f"({px[f'ratio_{verify}_over_copy']:.2f} x copy)"))

@@ -34,17 +34,18 @@ def main() -> None:
     import torch
 
     from dvsa.config import load_config
-    from dvsa.data.prepare import prepare_vg
+    from dvsa.data.prepare import PrepareOptions, VGSource, prepare_vg
     from dvsa.data.shards import iter_samples, load_vocab
     from dvsa.data.synth import SynthOptions, write_world
-    from dvsa.evaluation.regions import BoxCaptioner, sample_queries
-    from dvsa.train.build import build_model
+    from dvsa.evaluation.regions import sample_queries
+    from dvsa.inference.captioning import BoxCaptioner
+    from dvsa.models.build import build_model
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tmp = Path(tempfile.mkdtemp(prefix="dvsa-bench-"))
     write_world(tmp / "w", SynthOptions(images=args.images, image_size=128, seed=0, test_fraction=0.5))
-    prepare_vg(root=str(tmp / "w" / "vg"), split_file=str(tmp / "w" / "vg" / "densecap_splits.json"),
-               out=str(tmp / "vg"), min_count=2, use_ray=False, progress=False)
+    prepare_vg(VGSource(str(tmp / "w" / "vg"), split_file=str(tmp / "w" / "vg" / "densecap_splits.json"), min_count=2),
+               str(tmp / "vg"), PrepareOptions(use_ray=False, progress=False))
     vocab = load_vocab(str(tmp / "vg"))
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         "task=caption", f"model.backbone={args.backbone}", f"data.image_size={args.image_size}",

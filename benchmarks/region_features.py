@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dvsa.models.encoder import ImageEncoder  # noqa: E402
+from dvsa.models.encoder import ImageEncoder
 
 
 def random_boxes(n: int, size: int, g: torch.Generator) -> torch.Tensor:

@@ -31,10 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dvsa.config import Config  # noqa: E402
-from dvsa.evaluation.retrieval import (matrix_score_fn, metrics_from_ranks, model_score_fn,  # noqa: E402
-                                       retrieval_ranks)
-from dvsa.models.alignment import AlignmentModel  # noqa: E402
+from dvsa.config import Config
+from dvsa.evaluation.retrieval import matrix_score_fn, metrics_from_ranks, model_score_fn, retrieval_ranks
+from dvsa.models.alignment import AlignmentModel
 
 REGIONS, WORDS, PER_IMAGE = 20, 16, 5
 
@@ -103,7 +102,8 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"{'arm':<10} {'images x sentences':>20} {'seconds':>9} {'peak extra MB':>14}")
     for r in rows:
-        print(f"{r['arm']:<10} {r['images']:>8,} x {r['sentences']:>9,} {r['seconds']:>9.1f} {r['peak_extra_mb']:>14.0f}")
+        print(f"{r['arm']:<10} {r['images']:>8,} x {r['sentences']:>9,} {r['seconds']:>9.1f} "
+              f"{r['peak_extra_mb']:>14.0f}")
     print(f"ranks equal (chunked vs one call, {args.small:,} images); one call at {args.images:,} x "
           f"{args.images * PER_IMAGE:,} would need the [B, L, T, M] tensor alone: {one_call_full_gb:,.0f} GiB")
     print(f"wrote {args.out}")

@@ -28,9 +28,14 @@ def plain_loop(ckpt: str, shards: str, out: str, batch_size: int) -> int:
     import torch
 
     from dvsa.data.shards import ShardWriter, iter_samples
-    from dvsa.experiments.snippets import (align_sentences, alignment_boxes, embed_images, encode_sentences,
-                                           snippet_sample)
-    from dvsa.train.checkpoints import load_trained
+    from dvsa.experiments.snippets import (
+        align_sentences,
+        alignment_boxes,
+        embed_images,
+        encode_sentences,
+        snippet_sample,
+    )
+    from dvsa.inference.checkpoints import load_trained
 
     model, vocab, cfg = load_trained(ckpt)
     n = 0
@@ -77,21 +82,21 @@ def main() -> None:
     import torch
 
     from dvsa.config import Config
-    from dvsa.data.prepare import prepare_karpathy
+    from dvsa.data.prepare import KarpathySource, PrepareOptions, prepare_karpathy
     from dvsa.data.shards import load_vocab
     from dvsa.data.synth import SynthOptions, write_world
     from dvsa.experiments.snippets import write_snippet_shards
     from dvsa.models.alignment import AlignmentModel
-    from dvsa.train.checkpoints import save_checkpoint
+    from dvsa.models.checkpoint import save_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="dvsa-bench-snip-"))
     try:
         write_world(tmp / "world", SynthOptions(images=args.images, image_size=128, seed=0, val_fraction=0.05,
                                                 test_fraction=0.05))
         shards = tmp / "kp"
-        prepare_karpathy(str(tmp / "world/karpathy/dataset_synth.json"), str(tmp / "world/vg"), str(shards),
-                         proposals=str(tmp / "world/karpathy/proposals.json"), min_count=1, use_ray=False,
-                         progress=False)
+        prepare_karpathy(KarpathySource(str(tmp / "world/karpathy/dataset_synth.json"), str(tmp / "world/vg"),
+                                        proposals=str(tmp / "world/karpathy/proposals.json"), min_count=1),
+                         str(shards), PrepareOptions(use_ray=False, progress=False))
         cfg = Config().replace(**{"task": "align", "data.image_size": 64, "data.max_regions": 8,
                                   "model.backbone": "tiny", "model.roi_size": 3, "model.embed_dim": 64,
                                   "model.word_dim": 32, "model.hidden_dim": 64})
@@ -114,7 +119,7 @@ def main() -> None:
                 m = write_snippet_shards(str(ckpt), str(shards), str(tmp / f"ray{c}"), splits=("train",),
                                          batch_size=args.batch_size, concurrency=c)
                 dt = time.perf_counter() - t0
-                k = m["written"]["images"]
+                k = m.written["images"]
                 rows.append({"method": f"Ray Data job, {c} actor(s)", "images": k, "seconds": round(dt, 2),
                              "images_per_s": round(k / dt, 1), "speedup": round(base / dt, 2)})
         finally:

@@ -75,8 +75,8 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
     wall clock and by this process's CPU time (robust to other load on a shared machine)."""
     import torch
 
-    from dvsa.train import common
     from dvsa.models.optim import build_optimizer, clip_gradients
+    from dvsa.train import common
     from dvsa.train.caption import caption_batch_loss
 
     device = torch.device("cpu")
@@ -101,7 +101,7 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
 def plain(args) -> tuple[float, float]:
     import torch
 
-    from dvsa.train.build import build_model
+    from dvsa.models.build import build_model
     from dvsa.train.common import seed_everything
 
     torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def ray_loop(config: dict) -> tuple[float, float]:
     import ray.train.torch
     import torch
 
-    from dvsa.train.build import build_model
+    from dvsa.models.build import build_model
     from dvsa.train.common import seed_everything
 
     torch.set_num_threads(config["threads"])

@@ -72,7 +72,7 @@ def group_boxes(boxes: Sequence[Box], threshold: float = 0.7) -> list[tuple[list
     np.fill_diagonal(close, True)
     degree = close.sum(axis=1)                 # neighbours among the boxes still ungrouped
     remaining = np.ones(n, dtype=bool)
-    groups = []
+    groups: list[tuple[list[int], list[float]]] = []
     while True:
         live = np.flatnonzero(remaining)
         if live.size == 0:

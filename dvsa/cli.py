@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
+
+from dvsa import runtime
 
 # name on the command line -> module under dvsa.commands
 COMMANDS = {
@@ -47,12 +48,6 @@ _HELP = {
 }
 
 
-def _quiet_environment() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dvsa", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_environment()
+    runtime.quiet_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
     # Parse only the global flags and the command name; the command parses the rest.

@@ -80,12 +80,16 @@ class AlignConfig:
     whole_image: bool = True        # the whole image is a candidate region (paper: it + 19 detections)
 
 
+#: ``caption.decode``: how captions are generated (beam search, greedy argmax, sampling)
+CaptionDecode = Literal["beam", "greedy", "sample"]
+
+
 @dataclass
 class CaptionConfig:
     mode: Literal["fullframe", "region"] = "region"
     cell: Literal["rnn", "lstm"] = "lstm"
     beam_size: int = 3
-    decode: Literal["beam", "greedy", "sample"] = "beam"
+    decode: CaptionDecode = "beam"
     temperature: float = 1.0
     max_regions_per_image: int = 20  # region captioner: regions sampled per image per step
     rnn_input_relu: bool = False    # rnn cell: pass W_hx x_t through ReLU too (paper, sec. 3.2)
@@ -317,7 +321,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # hints are classes, never instances
         return _build(tp, value, key + ".")
     if origin is Literal:
         allowed = get_args(tp)

@@ -18,8 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from dvsa import runtime, tracking
+from dvsa.cli import main
 from dvsa.config import Config, load_config
+from dvsa.data.prepare import KarpathySource, PrepareOptions, VGSource, prepare_karpathy, prepare_vg, summary
+from dvsa.data.synth import SynthOptions, write_world
 from dvsa.errors import DvsaError
+from dvsa.evaluation.meteor import check_java
+from dvsa.experiments.attributes import attribute_accuracy, stored_sizes
+from dvsa.experiments.compare import compare as compare_runs
+from dvsa.experiments.word_alignment import evaluate_word_alignment
+from dvsa.train.launch import train
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +103,6 @@ def demo_config(opts: DemoOptions) -> Config:
 
 
 def _cli(*argv: str) -> None:
-    from dvsa.cli import main
-
     code = main([str(a) for a in argv])
     if code:
         raise DvsaError(f"step failed: dvsa {' '.join(map(str, argv))} (exit {code})")
@@ -118,21 +125,14 @@ def _unless_given(defaults: dict, user_overrides: list) -> dict:
 
 
 def _train(cfg: Config, task: str, name: str, **overrides):
-    from dvsa.train.launch import train
-
     c = cfg.replace(**{"task": task, "train.name": name, "mlflow.run_name": name, **overrides})
     return train(c, task)
 
 
 def run_demo(opts: DemoOptions) -> DemoResult:
-    from dvsa import runtime, tracking
-    from dvsa.data.prepare import prepare_karpathy, prepare_vg, summary
-    from dvsa.data.synth import SynthOptions, write_world
-
     out = Path(opts.out).resolve()
     opts.out = out
     cfg = demo_config(opts)            # validated before anything runs
-    from dvsa.evaluation.meteor import check_java
 
     check_java()
     out.mkdir(parents=True, exist_ok=True)
@@ -151,12 +151,13 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         steps.run("synthetic world", synth)
 
         def prepare():
-            m = prepare_vg(str(world / "vg"), str(vg), split_file=str(world / "vg" / "densecap_splits.json"),
-                           min_count=2, progress=False)
+            options = PrepareOptions(progress=False)
+            m = prepare_vg(VGSource(str(world / "vg"), split_file=str(world / "vg" / "densecap_splits.json"),
+                                    min_count=2), str(vg), options)
             print(summary(m))
-            m = prepare_karpathy(str(world / "karpathy" / "dataset_synth.json"), str(world / "vg"), str(kp),
-                                 proposals=str(world / "karpathy" / "proposals.json"), min_count=2,
-                                 vg_shards=str(vg), progress=False)
+            m = prepare_karpathy(KarpathySource(str(world / "karpathy" / "dataset_synth.json"), str(world / "vg"),
+                                                proposals=str(world / "karpathy" / "proposals.json"),
+                                                vg_shards=str(vg), min_count=2), str(kp), options)
             print(summary(m))
         steps.run("prepare shards (VG regions; Karpathy-split sentences + proposals)", prepare)
         steps.run("caption statistics (region vs full image)", _cli, "stats", vg, kp, "--out", out / "stats")
@@ -196,8 +197,6 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         steps.run("search regions for \"red circle\" (Fig. 7)", search)
 
     def compare():
-        from dvsa.commands.compare import compare as compare_runs
-
         r = compare_runs(EXPERIMENT, tracking.tracking_uri(out, cfg.mlflow.tracking_uri), out / "compare")
         res.table = r["markdown"]
         res.paths["compare"] = str(out / "compare")
@@ -209,9 +208,6 @@ def run_demo(opts: DemoOptions) -> DemoResult:
 
 
 def _attribute_metrics(res: DemoResult, world: Path, vg: Path, uri: str) -> None:
-    from dvsa import tracking
-    from dvsa.experiments.attributes import attribute_accuracy, stored_sizes
-
     truth = json.loads((world / "truth.json").read_text())
     for key in ("region", "fullframe"):
         preds = [json.loads(line) for line in open(Path(res.paths[f"{key}_eval"]) / "predictions.jsonl")]
@@ -229,8 +225,6 @@ def _attribute_metrics(res: DemoResult, world: Path, vg: Path, uri: str) -> None
 
 
 def _word_alignment(res: DemoResult, align, cfg: Config, world: Path, kp: Path, out: Path) -> None:
-    from dvsa.experiments.word_alignment import evaluate_word_alignment
-
     r = evaluate_word_alignment(align.checkpoint, str(world), str(kp), split="test",
                                 out_dir=str(out / "pictures"), tracking_uri=align.tracking_uri, run_id=align.run_id)
     w = r["result"]

@@ -21,18 +21,30 @@ from __future__ import annotations
 import io
 import json
 import logging
-import posixpath
-import uuid
 from collections import Counter
 from typing import Optional
 
 import numpy as np
 
+from dvsa.config import Config
+from dvsa.data.manifest import FeatureManifest, FeatureSplit, ShardRecord
+from dvsa.data.shards import (
+    BAD_JSON,
+    ChecksummedFile,
+    list_shards,
+    load_vocab,
+    parse_row,
+    shard_name,
+    shard_temporary_name,
+)
 from dvsa.errors import DvsaError
+from dvsa.files import Folder
 from dvsa.ingest.counter import SkipCounter
-from dvsa.ingest.dataset import FEATURES_MANIFEST, dataset_paths
+from dvsa.ingest.dataset import dataset_paths
 from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
 from dvsa.ingest.samples import all_feature_boxes
+from dvsa.ingest.torch_batches import normalize_images
+from dvsa.models.encoder import FEAT_DIMS, build_encoder
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +64,6 @@ class FeatureEncoder:
                  counter: Optional[SkipCounter] = None, seed: int = 0):
         import torch
 
-        from dvsa.models.encoder import build_encoder
-
         self.torch = torch
         self.device = torch.device(device)
         # Every actor builds the same encoder: with model.weights unset the frozen CNN is a
@@ -66,31 +76,28 @@ class FeatureEncoder:
         self.counter = counter
 
     def __call__(self, batch: dict) -> dict:
-        from dvsa.ingest.torch_batches import normalize_images
-
         torch = self.torch
         keys, images, boxes, metas = [], [], [], []
         skipped, examples = Counter(), {}
         urls = batch.get("__url__")
-        for i, key in enumerate(batch["__key__"]):
-            key = str(key)
-            try:
-                meta = json.loads(bytes(batch["json"][i]))
-                img, (w, h) = decode_resize(bytes(batch["jpg"][i] or b""), self.image_size, self.decoder)
-            except CorruptImage as e:
-                reason, detail = "corrupt_image", str(e)
-            except ValueError as e:
-                reason, detail = "bad_json", str(e)
-            else:
-                meta["width"], meta["height"] = w, h     # header size of the stored JPEG
-                keys.append(key)
-                images.append(img)
-                boxes.append(scale_boxes(all_feature_boxes(meta, w, h), w, h, self.image_size))
-                metas.append(meta)
+        for i in range(len(batch["__key__"])):
+            key, jpg, meta, detail = parse_row(batch, i)
+            reason = BAD_JSON if meta is None else ""
+            if not reason:
+                try:
+                    img, (w, h) = decode_resize(jpg, self.image_size, self.decoder)
+                except CorruptImage as e:
+                    reason, detail = "corrupt_image", str(e)
+            if reason:
+                skipped[reason] += 1
+                examples.setdefault(reason, f"{key} ({urls[i] if urls is not None else '?'}): {detail}")
+                log.warning("features: skipped %s: %s: %s", key, reason, detail)
                 continue
-            skipped[reason] += 1
-            examples.setdefault(reason, f"{key} ({urls[i] if urls is not None else '?'}): {detail}")
-            log.warning("features: skipped %s: %s: %s", key, reason, detail)
+            meta["width"], meta["height"] = w, h     # header size of the stored JPEG
+            keys.append(key)
+            images.append(img)
+            boxes.append(scale_boxes(all_feature_boxes(meta, w, h), w, h, self.image_size))
+            metas.append(meta)
         if skipped and self.counter is not None:
             self.counter.add(skipped, examples)
         if not keys:
@@ -116,12 +123,10 @@ class FeatureShardWriter:
     each written under a temporary name and renamed when complete."""
 
     def __init__(self, out: str, split: str, samples_per_shard: int):
-        import fsspec
-
-        self.fs, self.root = fsspec.core.url_to_fs(str(out))
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.folder = Folder.of(out)
+        self.folder.make()
         self.split, self.per_shard = split, int(samples_per_shard)
-        self.shards: list[dict] = []
+        self.shards: list[ShardRecord] = []
         self._n = 0
         self._open_shard = None
 
@@ -129,11 +134,9 @@ class FeatureShardWriter:
         import webdataset as wds
 
         if self._open_shard is None:
-            from dvsa.data.shards import shard_name
-
             name = shard_name(self.split, len(self.shards))
-            tmp = posixpath.join(self.root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-            f = self.fs.open(tmp, "wb")
+            tmp = self.folder.file(shard_temporary_name(name))
+            f = ChecksummedFile(self.folder.fs.open(tmp, "wb"))
             self._open_shard = (name, tmp, f, wds.TarWriter(f, encoder=False))
             self._n = 0
         self._open_shard[3].write({"__key__": key, "npy": npy, "json": meta_json})
@@ -146,26 +149,22 @@ class FeatureShardWriter:
             return
         name, tmp, f, tw = self._open_shard
         tw.close()
-        if not f.closed:
-            f.close()
-        self.fs.mv(tmp, posixpath.join(self.root, name))
-        self.shards.append({"name": name, "split": self.split, "samples": self._n})
+        f.close()
+        self.folder.fs.mv(tmp, self.folder.file(name))
+        self.shards.append(f.record(name, self.split, self._n))
         self._open_shard = None
 
-    def close(self) -> list[dict]:
+    def close(self) -> list[ShardRecord]:
         self._finish()
         return self.shards
 
 
-def compute_features(cfg, out: str, *, shards: Optional[str] = None, splits=("train", "val", "test"),
+def compute_features(cfg: Config, out: str, *, shards: Optional[str] = None, splits=("train", "val", "test"),
                      samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, dtype: str = "float32",
-                     batch_size: Optional[int] = None) -> dict:
-    """Run the batch-inference job on the running Ray; write feature shards + features.json."""
-    import fsspec
+                     batch_size: Optional[int] = None) -> FeatureManifest:
+    """Run the batch-inference job on the running Ray; write feature shards, features.json and
+    a copy of the image shards' vocab.json."""
     import ray
-
-    from dvsa.data.shards import list_shards, load_vocab
-    from dvsa.models.encoder import FEAT_DIMS
 
     if cfg.model.trainable:
         raise DvsaError("model.trainable=true: precomputed features need a frozen CNN "
@@ -177,10 +176,9 @@ def compute_features(cfg, out: str, *, shards: Optional[str] = None, splits=("tr
                     "(seed train.seed=%d); set model.weights for pretrained features", cfg.train.seed)
     src = shards or cfg.data.shards
     vocab = load_vocab(src)
-    fs, root = fsspec.core.url_to_fs(str(out))
-    fs.makedirs(root, exist_ok=True)
+    Folder.of(out).make()
     use_gpu = bool(cfg.train.use_gpu)
-    counters, manifest_splits, all_shards = {}, {}, []
+    manifest_splits, all_shards = {}, []
     for split in splits:
         if not list_shards(src, split):
             log.info("features: no %s shards under %s, skipped", split, src)
@@ -202,18 +200,12 @@ def compute_features(cfg, out: str, *, shards: Optional[str] = None, splits=("tr
                 n += 1
         written = writer.close()
         all_shards += written
-        counters[split] = counter.log(f"features {split}")
-        manifest_splits[split] = {"samples": n, "shards": len(written), "skipped": counters[split]}
+        manifest_splits[split] = FeatureSplit(samples=n, skipped=counter.log(f"features {split}"))
         log.info("features: %s: %d images in %d shards", split, n, len(written))
-    manifest = {
-        "feat_dim": FEAT_DIMS[cfg.model.backbone], "image_size": cfg.data.image_size,
-        "dtype": dtype, "source": str(src), "seed": cfg.train.seed,
-        "model": {k: getattr(cfg.model, k) for k in ("backbone", "weights", "region_features", "roi_size", "crop_size")},
-        "rows": "0: whole image, then regions in json order, then proposals",
-        "splits": manifest_splits, "shards": all_shards,
-    }
-    with fs.open(posixpath.join(root, FEATURES_MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-    vocab.save(fs.unstrip_protocol(posixpath.join(root, "vocab.json")) if "file" not in fs.protocol
-               else posixpath.join(root, "vocab.json"))
+    manifest = FeatureManifest(
+        feat_dim=FEAT_DIMS[cfg.model.backbone], image_size=cfg.data.image_size, dtype=dtype, source=str(src),
+        seed=cfg.train.seed,
+        model={k: getattr(cfg.model, k) for k in ("backbone", "weights", "region_features", "roi_size", "crop_size")},
+        splits=manifest_splits, shards=all_shards)
+    manifest.write(out, vocab)
     return manifest

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -84,12 +85,16 @@ def ray_temp_dir(out: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def ray_session(out: str | os.PathLike, address: Optional[str] = None, num_cpus: Optional[int] = None,
-                num_gpus: Optional[int] = None, include_dashboard: Optional[bool] = None) -> Iterator[dict]:
+def ray_session(out: str | os.PathLike | None, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                num_gpus: Optional[int] = None, include_dashboard: Optional[bool] = None,
+                log_to_driver: bool = True) -> Iterator[dict]:
     """Start (or join, or reuse) Ray for the duration of the block.
 
-    Yields ``{"mode": "reused" | "joined" | "local", "address": ..., "temp_dir": ...}``; Ray is
-    shut down on exit only when this block started or joined it.
+    An embedded Ray keeps its temp dir under ``out`` (:func:`ray_temp_dir`); with ``out=None``
+    (a job whose output is not a local directory, e.g. shards written to a URL) it gets a fresh
+    short one in /tmp, removed on exit. Yields ``{"mode": "reused" | "joined" | "local",
+    "address": ..., "temp_dir": ...}``; Ray is shut down on exit only when this block started or
+    joined it.
     """
     import ray
 
@@ -102,10 +107,10 @@ def ray_session(out: str | os.PathLike, address: Optional[str] = None, num_cpus:
     if addr:
         # a job's own runtime_env (``ray job submit``) may set the same variables: pass none here
         log.info("joining Ray cluster at %s", addr)
-        ray.init(address=addr, log_to_driver=True, configure_logging=False)
+        ray.init(address=addr, log_to_driver=log_to_driver, configure_logging=False)
         info = {"mode": "joined", "address": addr, "temp_dir": None}
     else:
-        tmp = ray_temp_dir(out)
+        tmp = ray_temp_dir(out) if out is not None else tempfile.mkdtemp(prefix="dvsa-ray-", dir="/tmp")
         log.info("starting a local Ray (temp dir %s)", tmp)
         dashboard_port = None
         if include_dashboard is not False and API_SERVER_ENV not in os.environ:
@@ -118,7 +123,7 @@ def ray_session(out: str | os.PathLike, address: Optional[str] = None, num_cpus:
             api_env_set = True
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=tmp, include_dashboard=include_dashboard,
                  dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env},
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=log_to_driver, configure_logging=False)
         info = {"mode": "local", "address": None, "temp_dir": tmp}
     try:
         yield info
@@ -126,3 +131,5 @@ def ray_session(out: str | os.PathLike, address: Optional[str] = None, num_cpus:
         ray.shutdown()
         if api_env_set:
             os.environ.pop(API_SERVER_ENV, None)
+        if out is None and info["temp_dir"]:
+            shutil.rmtree(info["temp_dir"], ignore_errors=True)

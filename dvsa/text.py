@@ -19,6 +19,9 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
+from dvsa.errors import DataError
+from dvsa.files import load_json, write_bytes_atomic
+
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 
@@ -81,16 +84,11 @@ class Vocab:
         half a file, and a killed writer leaves the old one."""
         import fsspec
 
-        from dvsa.data.shards import write_bytes_atomic
-
         fs, p = fsspec.core.url_to_fs(str(path))
         write_bytes_atomic(fs, p, json.dumps(self.to_dict()).encode())
 
     @classmethod
     def load(cls, path_or_url: str) -> "Vocab":
-        from dvsa.errors import DataError
-        from dvsa.jsonfile import load_json
-
         d = load_json(path_or_url, "no such vocabulary file")
         try:
             return cls(d["itos"], d["counts"], d["min_count"], d["num_captions"])

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ BATCH_PARAMS = 100          # log_batch limits
 BATCH_METRICS = 1000
 TRAIN_NAME_TAG = "dvsa.train_name"
 CHECKPOINT_TAG = "dvsa.checkpoint"
+RUN_DIR_TAG = "dvsa.run_dir"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def tracking_uri(out: str | os.PathLike, configured: Optional[str] = None) -> str:
@@ -229,34 +232,27 @@ def find_run(uri: str, run_id: str):
         raise
 
 
-def plot_curves(curves: Mapping[str, list[tuple[int, float]]], path: str | os.PathLike, title: str = "") -> Path:
-    """Loss curves (one line per metric, x = step) as a PNG; ``dvsa.viz.plot_curves`` if present."""
-    try:
-        from dvsa.viz import plot_curves as viz_plot  # type: ignore[attr-defined]
-    except Exception:  # dvsa.viz absent or without plot_curves
-        viz_plot = None
-    if viz_plot is not None:
-        try:
-            return Path(viz_plot(curves, path, title=title) or path)
-        except TypeError:
-            pass
-    import matplotlib
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` has the shape of an MLflow run id (32 lowercase hex digits)."""
+    return bool(_RUN_ID.match(str(text)))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in curves.items():
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=name, marker="o" if len(pts) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("value")
-    if title:
-        ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+def find_checkpoint_run(uri: str, checkpoint: str, checkpoint_dir: str | os.PathLike) -> Optional[str]:
+    """The run that trained a checkpoint: ``checkpoint`` itself when it is the id of a run in
+    this store; else the newest run whose ``dvsa.checkpoint`` tag is ``checkpoint_dir`` or whose
+    ``dvsa.run_dir`` holds it; None when no run matches."""
+    if is_run_id(checkpoint) and find_run(uri, checkpoint) is not None:
+        return str(checkpoint)
+    c = client(uri)
+    exps = [e.experiment_id for e in retry_locked(c.search_experiments)]
+    if not exps:
+        return None
+    d = str(Path(checkpoint_dir).resolve())
+    for tag, value in ((CHECKPOINT_TAG, d), (RUN_DIR_TAG, str(Path(d).parent))):
+        if "'" in value:
+            continue
+        runs = retry_locked(c.search_runs, exps, filter_string=f"tags.`{tag}` = '{value}'",
+                            max_results=1, order_by=["attributes.start_time DESC"])
+        if runs:
+            return runs[0].info.run_id
+    return None

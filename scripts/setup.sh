@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,lint]'
 if ! command -v java >/dev/null 2>&1; then
   echo "note: Java not found. METEOR (pycocoevalcap) needs it: sudo apt-get install default-jre-headless" >&2
 fi

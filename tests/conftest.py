@@ -1,4 +1,11 @@
-"""Shared test fixtures: quiet environment, one local Ray per test module."""
+"""Shared test fixtures: quiet environment, one local Ray per test module, the markers of the
+fast tier, and what the session trains once (the demo's three models).
+
+Tiers: ``pytest -m "not slow"`` runs every test that neither starts Ray nor trains end to end
+(minutes); plain ``pytest`` runs everything. A test that uses a Ray-starting fixture
+(:data:`RAY_FIXTURES`) or carries the ``ray`` mark is marked ``ray`` and ``slow`` here, at
+collection, so no test file has to remember it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,19 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+# Fixtures that start Ray (or a process that does), directly or through what they train.
+RAY_FIXTURES = frozenset({"ray_local", "ray_tune", "cluster", "demo_run", "asha_sweep"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        starts_ray = bool(RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+        if starts_ray and not item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.ray)
+        if (starts_ray or item.get_closest_marker("ray")) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -63,3 +83,28 @@ def shards(synth_world, tmp_path_factory) -> Path:
     from eval_fixtures import prepare_shards
 
     return prepare_shards(synth_world, tmp_path_factory.mktemp("shards"))
+
+
+# What the demo test passes to `dvsa demo` (see demo_run). log_every=1: every step's loss is
+# logged; max_val_images=4: a region captioner validates at most 4 x 4 regions, so the run's
+# sample table (16 rows) holds every validation caption and its METEOR can be recomputed.
+DEMO_OPTIONS = dict(images=80, image_size=64, num_cpus=2)
+DEMO_OVERRIDES = ["train.epochs=1", "data.image_size=32", "data.batch_size=16", "data.max_val_images=4",
+                  "train.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``dvsa demo`` once per session on a very small world: ``(options, DemoResult)``.
+
+    Its three training jobs (region captioner, full-frame captioner, alignment model) are the
+    session's trained models: tests/test_demo.py checks the demo, tests/test_train.py checks
+    each job's run exactly (steps, checkpoints, MLflow contents, recomputed metrics). The demo
+    reuses a Ray that is up (a module's ``ray_local``) and otherwise starts and stops its own.
+    """
+    from dvsa.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(out=tmp_path_factory.mktemp("demo") / "demo", overrides=list(DEMO_OVERRIDES),
+                       **DEMO_OPTIONS)
+    res = run_demo(opts)
+    return opts, res

@@ -17,20 +17,21 @@ from pathlib import Path
 import torch
 
 from dvsa.config import load_config
-from dvsa.train.checkpoints import save_checkpoint
+from dvsa.models.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare_shards(world: Path, out: Path) -> Path:
     """VG (regions + groups) and Karpathy (sentences + proposals) shards of a synthetic world."""
-    from dvsa.data.prepare import prepare_karpathy, prepare_vg
+    from dvsa.data.prepare import KarpathySource, PrepareOptions, VGSource, prepare_karpathy, prepare_vg
 
-    prepare_vg(root=str(world / "vg"), split_file=str(world / "vg" / "densecap_splits.json"),
-               out=str(out / "vg"), min_count=2, use_ray=False, progress=False)
-    prepare_karpathy(str(world / "karpathy" / "dataset_synth.json"), images_root=str(world / "vg"),
-                     proposals=str(world / "karpathy" / "proposals.json"), out=str(out / "kp"),
-                     min_count=2, use_ray=False, progress=False)
+    local = PrepareOptions(use_ray=False, progress=False)
+    prepare_vg(VGSource(str(world / "vg"), split_file=str(world / "vg" / "densecap_splits.json"), min_count=2),
+               str(out / "vg"), local)
+    prepare_karpathy(KarpathySource(str(world / "karpathy" / "dataset_synth.json"), str(world / "vg"),
+                                    proposals=str(world / "karpathy" / "proposals.json"), min_count=2),
+                     str(out / "kp"), local)
     return out
 
 
@@ -43,8 +44,8 @@ def tiny_cfg(shards: Path, out: Path, *overrides: str):
 
 def chain_captioner(cfg, vocab, chain: list[str]):
     """A CaptioningModel (cell rnn, word_dim = hidden_dim >= |V|) that always says ``chain``."""
+    from dvsa.models.build import build_model
     from dvsa.models.captioner import END, START
-    from dvsa.train.build import build_model
 
     V = len(vocab)
     assert cfg.caption.cell == "rnn" and cfg.model.word_dim >= V and cfg.model.hidden_dim >= V, V
@@ -70,7 +71,7 @@ def chain_captioner(cfg, vocab, chain: list[str]):
 def colour_aligner(cfg, vocab):
     """The hand-set alignment model described in the module doc (backbone tiny)."""
     from dvsa.ingest import IMAGENET_MEAN, IMAGENET_STD
-    from dvsa.train.build import build_model
+    from dvsa.models.build import build_model
 
     assert cfg.task == "align" and cfg.model.backbone == "tiny"
     torch.manual_seed(0)

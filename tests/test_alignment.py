@@ -10,8 +10,6 @@ from dvsa.errors import DataError
 from dvsa.models.alignment import AlignmentModel, ranking_loss, score_eq7, score_eq8
 
 
-
-
 def _cfg(**kw):
     base = {"model.backbone": "tiny", "model.embed_dim": 6, "model.hidden_dim": 5, "model.word_dim": 4}
     base.update(kw)

@@ -6,9 +6,11 @@ import json
 import pytest
 from PIL import Image
 
-from dvsa.data.prepare import check_balance, prepare_karpathy, prepare_vg
+from dvsa.data.prepare import KarpathySource, PrepareOptions, VGSource, prepare_karpathy, prepare_vg
 from dvsa.data.shards import iter_samples
 from dvsa.errors import DataError
+
+LOCAL = PrepareOptions(use_ray=False, progress=False)
 
 
 def jpeg(w=32, h=24, colour=(200, 30, 30)) -> bytes:
@@ -71,24 +73,23 @@ def bad_vg(tmp_path):
 
 def test_bad_vg_inputs_are_dropped_and_counted(bad_vg, tmp_path):
     root, split = bad_vg
-    m = prepare_vg(str(root), str(tmp_path / "out"), split_file=str(split), min_count=1, use_ray=False,
-                   progress=False)
-    check_balance(m)
-    assert m["dropped"]["images"] == {
+    m = prepare_vg(VGSource(str(root), split_file=str(split), min_count=1), str(tmp_path / "out"), LOCAL)
+    m.check_balance()
+    assert m.dropped("images") == {
         "bad_element": 1, "corrupt_image": 2, "duplicate_image": 1, "missing_file": 1,
         "no_region_entry": 1, "no_valid_regions": 1, "not_in_image_data": 1, "not_in_split": 1}
-    d = m["dropped"]["regions"]
+    d = m.dropped("regions")
     assert d["empty_caption"] == 3          # 11, 12, 70
     assert d["degenerate_box"] == 3         # 13 (zero width), 15 (outside), 71 (negative width)
     assert d["bad_region"] == 2             # 18, 19
     assert d["duplicate_region_id"] == 2    # 10 again in image 1 and in image 8
     assert d["corrupt_image"] == 3 and d["missing_file"] == 1 and len(d) == 9
     assert d["duplicate_image"] == 1 and d["not_in_image_data"] == 1 and d["not_in_split"] == 1
-    assert m["inputs"]["images"] == 11 and m["inputs"]["regions"] == 22
-    assert m["written"]["images"] == 2 and m["written"]["regions"] == 5
-    assert m["info"]["split_file_unknown_ids"] == 1
-    assert m["info"]["boxes_clipped"] == 1
-    assert m["info"]["size_differs_from_metadata"] == 1
+    assert m.tally.inputs["images"] == 11 and m.tally.inputs["regions"] == 22
+    assert m.written["images"] == 2 and m.written["regions"] == 5
+    assert m.info["split_file_unknown_ids"] == 1
+    assert m.info["boxes_clipped"] == 1
+    assert m.info["size_differs_from_metadata"] == 1
 
     samples = {k: meta for k, _, meta in iter_samples(str(tmp_path / "out"))}
     assert set(samples) == {"1", "8"}
@@ -104,15 +105,16 @@ def test_truncated_region_json_is_a_clear_error(bad_vg, tmp_path):
     root, split = bad_vg
     p = root / "region_descriptions.json"
     p.write_text(p.read_text()[:300])
-    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #\d+ .*read \d+ bytes"):
-        prepare_vg(str(root), str(tmp_path / "out"), split_file=str(split), use_ray=False, progress=False)
+    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #\d+ "
+                                        r".*read \d+ bytes"):
+        prepare_vg(VGSource(str(root), split_file=str(split)), str(tmp_path / "out"), LOCAL)
 
 
 def test_malformed_image_data_is_a_clear_error(bad_vg, tmp_path):
     root, split = bad_vg
     (root / "image_data.json").write_text('[{"image_id": 1, "width": 3,, }]')
     with pytest.raises(DataError, match=r"image_data.json: malformed or truncated JSON in element #0"):
-        prepare_vg(str(root), str(tmp_path / "out"), split_file=str(split), use_ray=False, progress=False)
+        prepare_vg(VGSource(str(root), split_file=str(split)), str(tmp_path / "out"), LOCAL)
 
 
 def test_split_file_errors(bad_vg, tmp_path):
@@ -120,7 +122,7 @@ def test_split_file_errors(bad_vg, tmp_path):
     bad = tmp_path / "s.json"
     bad.write_text(json.dumps({"train": [1, "two"]}))
     with pytest.raises(DataError, match=r"s.json: 'train'\[1\] is not an integer image id"):
-        prepare_vg(str(root), str(tmp_path / "out"), split_file=str(bad), use_ray=False, progress=False)
+        prepare_vg(VGSource(str(root), split_file=str(bad)), str(tmp_path / "out"), LOCAL)
 
 
 def test_bad_karpathy_inputs(tmp_path):
@@ -146,15 +148,15 @@ def test_bad_karpathy_inputs(tmp_path):
     ]
     js = tmp_path / "dataset_x.json"
     js.write_text(json.dumps({"dataset": "x", "images": images}))
-    m = prepare_karpathy(str(js), str(root), str(tmp_path / "out"), min_count=1, use_ray=False, progress=False)
-    check_balance(m)
-    assert m["dropped"]["images"] == {"bad_element": 1, "corrupt_image": 2, "duplicate_image": 1,
+    m = prepare_karpathy(KarpathySource(str(js), str(root), min_count=1), str(tmp_path / "out"), LOCAL)
+    m.check_balance()
+    assert m.dropped("images") == {"bad_element": 1, "corrupt_image": 2, "duplicate_image": 1,
                                       "missing_file": 1, "no_valid_captions": 1, "unknown_split": 1}
-    assert m["dropped"]["sentences"] == {"bad_element": 1, "bad_sentence": 1, "corrupt_image": 2,
+    assert m.dropped("sentences") == {"bad_element": 1, "bad_sentence": 1, "corrupt_image": 2,
                                          "duplicate_image": 1, "empty_caption": 2, "missing_file": 1,
                                          "unknown_split": 1}
-    assert m["written"] == {"images": 2, "regions": 0, "sentences": 3}
-    assert m["info"]["images_reencoded"] == 1
+    assert m.written == {"images": 2, "regions": 0, "sentences": 3}
+    assert m.info["images_reencoded"] == 1
     samples = {k: (jpg, meta) for k, jpg, meta in iter_samples(str(tmp_path / "out"))}
     assert [s["tokens"] for s in samples["0"][1]["sentences"]] == [["a", "dog"], ["a", "cat"]]
     assert Image.open(io.BytesIO(samples["3"][0])).format == "JPEG"

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from dvsa.config import Config
-from dvsa.experiments.baselines import (format_markdown, nn_baseline_predictions, rank_snippets,
-                                        score_predictions_local, snippet_candidates, table4_rows)
-
-
+from dvsa.experiments.baselines import (
+    format_markdown,
+    nn_baseline_predictions,
+    rank_snippets,
+    score_predictions_local,
+    snippet_candidates,
+    table4_rows,
+)
 
 
 def test_rank_snippets_mean_vs_sum_and_chunks():
@@ -46,15 +50,19 @@ def toy_region_shards(tmp_path):
     root = tmp_path / "regions"
     samples = [
         ("1", _jpeg((200, 0, 0)), {"image_id": 1, "split": "test", "width": 40, "height": 30, "regions": [],
-                                  "groups": [{"box": [0, 0, 20, 20], "region_ids": [1, 2], "refs": ["red circle", "a red circle"]},
+                                  "groups": [{"box": [0, 0, 20, 20], "region_ids": [1, 2],
+                                              "refs": ["red circle", "a red circle"]},
                                              {"box": [20, 5, 40, 30], "region_ids": [3], "refs": ["blue square"]}]}),
         ("2", _jpeg((0, 0, 200)), {"image_id": 2, "split": "test", "width": 40, "height": 30, "regions": [],
                                   "groups": [{"box": [5, 5, 30, 25], "region_ids": [4], "refs": ["blue square"]},
-                                             {"box": [1, 1, 2, 2], "region_ids": [5], "refs": [""]}]}),  # no usable ref
+                                             # no usable reference
+                                             {"box": [1, 1, 2, 2], "region_ids": [5], "refs": [""]}]}),
         ("3", _jpeg((0, 200, 0)), {"image_id": 3, "split": "train", "width": 40, "height": 30, "groups": [],
-                                  "regions": [{"id": 1, "box": [0, 0, 9, 9], "raw": "blue square", "tokens": ["blue", "square"]},
+                                  "regions": [{"id": 1, "box": [0, 0, 9, 9], "raw": "blue square",
+                                               "tokens": ["blue", "square"]},
                                               {"id": 2, "box": [0, 0, 9, 9], "raw": "red", "tokens": ["red"]},
-                                              {"id": 3, "box": [0, 0, 9, 9], "raw": "red circle", "tokens": ["red", "circle"]},
+                                              {"id": 3, "box": [0, 0, 9, 9], "raw": "red circle",
+                                               "tokens": ["red", "circle"]},
                                               {"id": 4, "box": [0, 0, 9, 9], "raw": "red", "tokens": ["red"]}]}),
     ]
     for split in ("test", "train"):
@@ -125,9 +133,12 @@ def test_scores_and_table_rows():
 # --------------------------------------------------------------------------- Table 1 ablations
 
 
-def test_ablations_train_each_variant_and_read_mlflow_back(tmp_path):
+def test_ablation_table_bookkeeping_with_a_recording_train_fn(tmp_path):
+    """Table 1's bookkeeping without training: each variant's config reaches train_fn, its run
+    is tagged, and the table reads the runs back (test-set figures over validation ones)."""
     from dvsa import tracking
-    from dvsa.experiments.ablations import collect_ablation_table, format_markdown as t1_markdown, run_ablations
+    from dvsa.experiments.ablations import collect_ablation_table, run_ablations
+    from dvsa.experiments.ablations import format_markdown as t1_markdown
     from dvsa.train.launch import TrainOutcome
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -154,3 +165,54 @@ def test_ablations_train_each_variant_and_read_mlflow_back(tmp_path):
     again = collect_ablation_table(uri, "t1")
     assert (again[0]["source"], again[0]["i2t_r1"]) == ("retrieval", 48.0)
     assert "| BRNN, eq. 8 (ours) | 48.0 |" in t1_markdown(again)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ablations_train_each_variant_with_its_setting(ray_local, shards, tmp_path):
+    """One real epoch of the train-align job per variant (tiny config): every variant gets its
+    own MLflow run, tagged, with its sentence encoder and score as params, its validation
+    retrieval metrics, and a checkpoint whose model is built that way; Table 1 reads the runs'
+    best validation figures back."""
+    from eval_fixtures import tiny_cfg
+
+    from dvsa import tracking
+    from dvsa.experiments.ablations import METRICS, VARIANTS, run_ablations
+    from dvsa.inference.checkpoints import load_trained
+
+    cfg = tiny_cfg(shards, tmp_path, "name=abl", "train.epochs=1", "data.max_val_images=4",
+                   "mlflow.experiment=t1-real")
+    rows = run_ablations(cfg)
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    assert len({r["run_id"] for r in rows}) == 3
+    for row in rows:
+        variant, setting = row["variant"], VARIANTS[row["variant"]]
+        run = c.get_run(row["run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == f"table1-{variant}"
+        assert run.data.tags["dvsa.ablation"] == variant and run.data.tags["dvsa.ablation_group"] == "table1"
+        assert run.data.tags["task"] == "align"
+        assert run.data.params["align.sentence_encoder"] == setting["align.sentence_encoder"]
+        assert run.data.params["align.score"] == setting["align.score"]
+        assert run.data.params["train.name"] == f"abl-table1-{variant}"
+        # the validation pass ran on the capped 4 images (of 6) and the table shows its best figures
+        assert run.data.metrics["best/val/images"] == 4.0
+        assert row["source"] == "best/val"
+        for m in METRICS:
+            assert row[m] == run.data.metrics[f"best/val/{m}"], (variant, m)
+        # the checkpoint holds a model built with the variant's setting
+        model, _, ckpt_cfg = load_trained(run.data.tags[tracking.CHECKPOINT_TAG])
+        assert ckpt_cfg.align.sentence_encoder == setting["align.sentence_encoder"]
+        assert ckpt_cfg.align.score == setting["align.score"]
+        assert model.sentence.kind == setting["align.sentence_encoder"]
+        assert hasattr(model.sentence, "W_f") == (setting["align.sentence_encoder"] == "brnn")
+        # one region and one word per side, v^T s = -1: eq. 8 keeps it (sum_t max_i), eq. 7
+        # clips it (sum_t sum_i max(0, .))
+        v = torch.zeros(2, 1, cfg.model.embed_dim)
+        v[:, 0, 0] = -1.0
+        s = torch.zeros(2, 1, cfg.model.embed_dim)
+        s[:, 0, 0] = 1.0
+        ones = torch.ones(2, 1, dtype=torch.bool)
+        want = -1.0 if setting["align.score"] == "eq8" else 0.0
+        assert model.scores(v, ones, s, ones).tolist() == [[want, want], [want, want]]

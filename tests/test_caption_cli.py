@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from eval_fixtures import ROOT, chain_captioner, save
 from PIL import Image, ImageDraw
 
 from dvsa.cli import main
 from dvsa.text import Vocab
-from eval_fixtures import ROOT, chain_captioner, save
 
 WORDS = ["a", "red", "circle", "blue", "square", "on", "the", "left"]
 

@@ -10,8 +10,7 @@ import math
 import pytest
 
 from dvsa.errors import DvsaError
-from dvsa.evaluation.captions import (METRICS, CaptionScorer, _chunks, clean_text, prepare,
-                                      ptb_tokenize, score_parallel)
+from dvsa.evaluation.captions import METRICS, CaptionScorer, _chunks, clean_text, prepare, ptb_tokenize, score_parallel
 from dvsa.evaluation.meteor import JAVA_MISSING, MeteorProcess, check_java
 
 REFS = {

@@ -239,11 +239,11 @@ def test_norm_clipping_keeps_the_direction():
 
 @pytest.mark.parametrize("features", [False, True])
 def test_training_model_starts_at_the_vocabularys_word_frequencies_and_vectors(features, tmp_path):
-    """What training builds (dvsa.train.build.build_model), on the image path and the
+    """What training builds (dvsa.models.build.build_model), on the image path and the
     precomputed-feature path: b_o = log word frequency of the train split (section 3.3), and
     word vectors from a file where the config names one."""
+    from dvsa.models.build import build_model
     from dvsa.text import Vocab
-    from dvsa.train.build import build_model
 
     vocab = Vocab.build({"red": 30, "ball": 10, "box": 5, "rare": 1}, min_count=2, num_captions=10)
     vectors = tmp_path / "vec.txt"

@@ -287,6 +287,6 @@ def test_ci_runs_the_readmes_commands_verbatim():
     readme = (REPO / "README.md").read_text().splitlines()
     commands = [ln.strip() for ln in readme[:12] if ln.startswith("    ")]
     assert commands == ["bash scripts/setup.sh && .venv/bin/dvsa demo --out demo-out",
-                        "bash scripts/setup.sh && .venv/bin/python -m pytest -q tests"]
+                        "bash scripts/setup.sh && bash scripts/check.sh"]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1] in [ln.strip() for ln in ci]

@@ -6,18 +6,16 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.ray
 
-
-def test_demo_runs_every_step_and_records_the_runs(tmp_path):
+def test_demo_runs_every_step_and_records_the_runs(demo_run):
+    """The demo itself runs once per session (conftest.demo_run); its trained models are
+    checked job by job in tests/test_train.py."""
     import mlflow
 
-    from dvsa.demo import EXPERIMENT, DemoOptions, run_demo
+    from dvsa.demo import EXPERIMENT
 
-    out = tmp_path / "demo"
-    res = run_demo(DemoOptions(out=out, images=80, image_size=64, num_cpus=2,
-                               overrides=["train.epochs=1", "data.image_size=32", "data.batch_size=16",
-                                          "data.max_val_images=16"]))
+    opts, res = demo_run
+    out = opts.out
     # the comparison table holds both captioners of Table 5 and the alignment model's retrieval row
     assert "| fullframe | lstm |" in res.table and "| region | lstm |" in res.table
     assert "| brnn | eq8 |" in res.table

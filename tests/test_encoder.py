@@ -12,10 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dvsa.config import Config
 from dvsa.errors import DvsaError
-from dvsa.models.encoder import (ImageEncoder, boxes_from_padded, build_encoder,
-                                 full_image_boxes)
-
-
+from dvsa.models.encoder import ImageEncoder, boxes_from_padded, build_encoder, full_image_boxes
 
 
 @pytest.fixture(autouse=True)

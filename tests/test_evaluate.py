@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-
 from eval_fixtures import chain_captioner, save, tiny_cfg
 
 
@@ -37,8 +37,10 @@ def _test_groups(shards):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_every_group_is_one_query_and_metrics_equal_the_scorer(shards, vocab, scorer, ray_local, tmp_path):
-    from dvsa.data.shards import load_manifest
+    from dvsa.data.manifest import Manifest
     from dvsa.evaluation.regions import evaluate_regions
 
     cfg = tiny_cfg(shards, tmp_path, "caption.cell=rnn", "model.word_dim=64", "model.hidden_dim=64")
@@ -46,8 +48,8 @@ def test_every_group_is_one_query_and_metrics_equal_the_scorer(shards, vocab, sc
     result = evaluate_regions(str(ckpt), str(shards / "vg"), "test", num_meteor_actors=2, batch_size=4)
 
     groups = _test_groups(shards)
-    manifest = load_manifest(str(shards / "vg"))
-    assert result.queries == len(groups) == manifest["splits"]["test"]["groups"] == result.expected
+    manifest = Manifest.read(str(shards / "vg"))
+    assert result.queries == len(groups) == manifest.split_count("test", "groups") == result.expected
     assert [p["qid"] for p in result.predictions] == [q for q, _, _ in groups]     # shard order
     assert [p["box"] for p in result.predictions] == [b for _, b, _ in groups]
     assert [p["refs"] for p in result.predictions] == [r for _, _, r in groups]
@@ -62,14 +64,16 @@ def test_every_group_is_one_query_and_metrics_equal_the_scorer(shards, vocab, sc
     assert 0.0 < result.metrics["region/METEOR"] < 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_each_query_is_captioned_from_its_own_box(shards, vocab, ray_local, tmp_path):
     """A random LSTM captioner: the pipeline's log probabilities equal a per-group decode of
     the group's box done by hand (decode_resize + scale + RoIAlign + beam search)."""
     from dvsa.data.shards import iter_samples
     from dvsa.evaluation.regions import collect_predictions, prediction_dataset
     from dvsa.ingest import decode_resize, normalize_images, scale_boxes
+    from dvsa.models.build import build_model
     from dvsa.models.decoding import beam_search
-    from dvsa.train.build import build_model
 
     cfg = tiny_cfg(shards, tmp_path, "caption.cell=lstm")
     torch.manual_seed(3)
@@ -102,7 +106,7 @@ def test_retrieval_equals_brute_force_scores(shards, tmp_path):
     from dvsa.evaluation.retrieval import fold_metrics, retrieval_metrics
     from dvsa.ingest import decode_resize, normalize_images, scale_boxes
     from dvsa.ingest.samples import encode_words
-    from dvsa.train.build import build_model
+    from dvsa.models.build import build_model
 
     kp = shards / "kp"
     vocab = load_vocab(str(kp))
@@ -143,6 +147,8 @@ def test_retrieval_equals_brute_force_scores(shards, tmp_path):
         assert metrics[f"retrieval_1k/{k}"] == pytest.approx(folds[k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_evaluate_command_logs_into_the_checkpoints_run(shards, vocab, scorer, ray_local, tmp_path, capsys):
     """`dvsa evaluate --checkpoint RUN_ID` on a full-frame captioner fed region boxes (Table 5):
     metrics land in that run, equal to the scorer's on the first N groups, with the pictures."""
@@ -187,10 +193,120 @@ def test_evaluate_refuses_changing_the_model(shards, vocab, tmp_path, capsys):
     from dvsa.cli import main
 
     cfg = tiny_cfg(shards, tmp_path)
-    from dvsa.train.build import build_model
+    from dvsa.models.build import build_model
 
     ckpt = save(build_model(cfg, vocab), vocab, cfg, tmp_path / "ckpt")
     assert main(["evaluate", "--checkpoint", str(ckpt), "model.hidden_dim=8"]) == 2
     assert "model.hidden_dim: cannot be changed at evaluation" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- alignment, by hand
+# Six 64 x 64 test images: gray, with a 32 x 32 square of one colour at [16, 16, 48, 48] (also
+# its one proposal), one sentence each, and a seventh sample whose JPEG is truncated. The
+# colour aligner scores "red" against image k as 2 x the redness of its reddest box (the
+# square's own box; the whole image is diluted), "blue" likewise, so (r0 > r2 > 0, b1 > b4 > 0):
+#
+#   image  content      sentence   S[k, red]  S[k, blue]
+#   0      bright red   "red"      2 r0       0
+#   1      bright blue  "blue"     0          2 b1
+#   2      dark red     "red"      2 r2       0
+#   3      gray         "blue"     0          0
+#   4      dark blue    "red"      0          2 b4
+#   5      gray         "red"      0          0
+#
+# Ranks count the wrong candidates scoring at least as high as the truth. Image -> sentence:
+# 3 1 3 5 5 5 (R@1 0, R@5 50, R@10 100, median rank 4); sentence -> image: 0 0 1 5 5 5
+# (R@1 33.3, R@5 50, R@10 100, median 2). One fold (fewer than 1,000 images): retrieval_1k
+# is the same.
+HAND_RETRIEVAL = {"i2t_r1": 0.0, "i2t_r5": 50.0, "i2t_r10": 100.0, "i2t_medr": 4.0,
+                  "t2i_r1": 100 / 3, "t2i_r5": 50.0, "t2i_r10": 100.0, "t2i_medr": 2.0}
+_HAND_IMAGES = [((230, 20, 20), "red"), ((20, 20, 230), "blue"), ((150, 20, 20), "red"),
+                ((128, 128, 128), "blue"), ((20, 20, 150), "red"), ((128, 128, 128), "red")]
+
+
+@pytest.fixture(scope="module")
+def colour_world(tmp_path_factory):
+    """(Karpathy-style shards of the six images, the colour aligner's checkpoint, its dir)."""
+    import io
+
+    from eval_fixtures import colour_aligner
+    from PIL import Image
+
+    from dvsa.config import Config
+    from dvsa.data.shards import ShardWriter
+    from dvsa.text import Vocab
+
+    d = tmp_path_factory.mktemp("colour_world")
+    with ShardWriter(str(d / "kp"), "test", 1 << 20) as w:
+        for i, (colour, word) in enumerate(_HAND_IMAGES + [((230, 20, 20), "red")]):
+            im = Image.new("RGB", (64, 64), (128, 128, 128))
+            im.paste(colour, (16, 16, 48, 48))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=95)
+            jpg = buf.getvalue() if i < len(_HAND_IMAGES) else buf.getvalue()[:300]   # the 7th: truncated
+            w.write(f"{i:04d}", jpg, {"image_id": i, "split": "test", "width": 64, "height": 64,
+                                      "proposals": [[16, 16, 48, 48]],
+                                      "sentences": [{"raw": word, "tokens": [word]}]})
+    vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", "red", "blue"], [0, 7, 7, 0, 4, 3], 1, 7)
+    cfg = Config().replace(**{"task": "align", "model.backbone": "tiny", "model.roi_size": 2,
+                              "data.image_size": 32, "data.max_regions": 4, "model.embed_dim": 4,
+                              "model.word_dim": 4, "model.hidden_dim": 4, "out": str(d / "train-out"),
+                              "mlflow.experiment": "colour"})
+    ckpt = save(colour_aligner(cfg, vocab), vocab, cfg, d / "ckpt", step=7)
+    return d / "kp", ckpt, d
+
+
+def test_retrieval_of_the_colour_aligner_equals_the_hand_ranks(colour_world):
+    from dvsa.evaluation.alignment_eval import evaluate_retrieval
+    from dvsa.inference.checkpoints import load_trained
+
+    kp, ckpt, _ = colour_world
+    model, vocab, cfg = load_trained(str(ckpt))
+    for batch_size in (1, 4, 16):
+        metrics, emb = evaluate_retrieval(model, vocab, cfg, str(kp), "test", batch_size=batch_size)
+        assert metrics["retrieval/images"] == 6 and metrics["retrieval/sentences"] == 6
+        assert emb.skipped == {"corrupt_image": 1}
+        assert emb.sent_img.tolist() == [0, 1, 2, 3, 4, 5]
+        for k, v in HAND_RETRIEVAL.items():
+            assert metrics[f"retrieval/{k}"] == pytest.approx(v), (batch_size, k)
+            assert metrics[f"retrieval_1k/{k}"] == pytest.approx(v), (batch_size, k)
+    metrics, _ = evaluate_retrieval(model, vocab, cfg, str(kp), "test", max_images=3)
+    # images 0-2 with sentences red, blue, red: i2t 1 0 1 (image 0 ties with sentence 2,
+    # image 2 with sentence 0), t2i 0 0 1 (sentence 2 sees image 0 above its own)
+    assert metrics["retrieval/images"] == 3
+    assert metrics["retrieval/i2t_r1"] == pytest.approx(100 / 3)
+    assert metrics["retrieval/t2i_r1"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_an_alignment_checkpoint_logs_the_hand_ranks(colour_world, tmp_path, capsys):
+    """`dvsa evaluate --checkpoint DIR` on an alignment model no MLflow run knows: a new
+    evaluation-only run in the configured store holds the retrieval metrics (at the
+    checkpoint's step), metrics.json is written, nothing starts Ray."""
+    from dvsa import tracking
+    from dvsa.cli import main
+
+    kp, ckpt, _ = colour_world
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = tmp_path / "outcome.json"
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--outcome-json", str(outcome), f"out={tmp_path}",
+               f"mlflow.tracking_uri={uri}", f"data.fullframe_shards={kp}"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"note: no MLflow run holds {ckpt}" in printed and "retrieval/i2t_r1" in printed
+    out = json.loads(outcome.read_text())
+    run = tracking.find_run(uri, out["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dvsa.evaluation_only"] == "true"
+    assert run.data.tags["task"] == "align" and run.info.run_name == "eval-ckpt"
+    m = run.data.metrics
+    for k, v in HAND_RETRIEVAL.items():
+        assert m[f"retrieval/{k}"] == pytest.approx(v) and out["metrics"][f"retrieval/{k}"] == pytest.approx(v)
+    assert m["retrieval/images"] == 6 and m["retrieval/skipped_images"] == 1
+    assert [h.step for h in tracking.client(uri).get_metric_history(out["run_id"], "retrieval/i2t_r1")] == [7]
+    written = json.loads((Path(out["outputs"]) / "metrics.json").read_text())
+    assert written == out["metrics"]
+    assert main(["evaluate", "--checkpoint", str(ckpt), f"out={tmp_path}", f"mlflow.tracking_uri={uri}",
+                 f"data.fullframe_shards={tmp_path / 'none'}"]) == 1
+    assert "data.fullframe_shards: no such shard directory" in capsys.readouterr().err

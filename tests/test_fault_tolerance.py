@@ -18,11 +18,11 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def vg_shards(synth_world, tmp_path_factory):
-    from dvsa.data.prepare import prepare_vg
+    from dvsa.data.prepare import PrepareOptions, VGSource, prepare_vg
 
     out = tmp_path_factory.mktemp("ft_shards") / "vg"
-    prepare_vg(root=str(synth_world / "vg"), split_file=str(synth_world / "vg" / "densecap_splits.json"),
-               out=str(out), min_count=2, use_ray=False, progress=False)
+    prepare_vg(VGSource(str(synth_world / "vg"), split_file=str(synth_world / "vg" / "densecap_splits.json"),
+                        min_count=2), str(out), PrepareOptions(use_ray=False, progress=False))
     return out
 
 

@@ -3,6 +3,7 @@ read back by build_dataset when data.features is set."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from dvsa.config import Config
+from dvsa.data.manifest import FeatureManifest
 from dvsa.data.shards import ShardWriter
 from dvsa.errors import DvsaError
 from dvsa.features import compute_features
@@ -64,11 +66,14 @@ def test_feature_shards_match_direct_encoder(ray_local, image_shards, tmp_path):
     cfg = _cfg(tmp_path)
     out = tmp_path / "feats"
     m = compute_features(cfg, str(out), shards=image_shards, splits=("train", "val"), samples_per_shard=3)
-    assert m["feat_dim"] == 128 and m["image_size"] == S
-    assert m["splits"]["train"]["samples"] == 8 and m["splits"]["train"]["skipped"] == {"corrupt_image": 1}
-    assert "val" not in m["splits"]          # no val shards: nothing written, nothing claimed
+    assert m.feat_dim == 128 and m.image_size == S
+    assert m.splits["train"].samples == 8 and m.splits["train"].skipped == {"corrupt_image": 1}
+    assert "val" not in m.splits          # no val shards: nothing written, nothing claimed
+    assert FeatureManifest.read(str(out)) == m
     tars = sorted(out.glob("train-*.tar"))
     assert len(tars) == 3 and (out / "vocab.json").exists()
+    assert [(s.name, s.size, s.sha256) for s in m.shards] == [
+        (t.name, t.stat().st_size, hashlib.sha256(t.read_bytes()).hexdigest()) for t in tars]
 
     torch.manual_seed(cfg.train.seed)
     enc = build_encoder(cfg.model).eval()

@@ -109,7 +109,7 @@ def _raw_batch(samples):
 
 def test_builder_caption_region_tokens_and_skips():
     counter = _ListCounter()
-    spec = IngestSpec(task="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
+    spec = IngestSpec(layout="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
     builder = BatchBuilder(spec, VOCAB, counter)
     good = _jpeg(200, 100)
     out = builder(_raw_batch([("k0", good, _meta(0, 200, 100)),
@@ -127,7 +127,7 @@ def test_builder_caption_region_tokens_and_skips():
 
 
 def test_builder_truncates_long_captions_keeping_end():
-    spec = IngestSpec(task="caption_region", image_size=S, rows=1, max_len=3, randomize=False)
+    spec = IngestSpec(layout="caption_region", image_size=S, rows=1, max_len=3, randomize=False)
     out = BatchBuilder(spec, VOCAB)(_raw_batch([("k0", _jpeg(64, 64), _meta(0, 64, 64))]))
     # max_len 3: [START a END] -> inputs [START a], targets [a END]
     np.testing.assert_array_equal(out["inputs"][0], [[START, A]])
@@ -135,7 +135,7 @@ def test_builder_truncates_long_captions_keeping_end():
 
 
 def test_builder_align_proposals_first_image_then_boxes():
-    spec = IngestSpec(task="align", image_size=S, rows=3, max_len=4, randomize=False)
+    spec = IngestSpec(layout="align", image_size=S, rows=3, max_len=4, randomize=False)
     props = [[0, 0, 100, 50], [50, 50, 150, 100], [10, 10, 20, 20]]
     out = BatchBuilder(spec, VOCAB)(_raw_batch([("k0", _jpeg(200, 100), _meta(0, 200, 100, proposals=props)),
                                                 ("k1", _jpeg(200, 100), _meta(1, 200, 100))]))
@@ -149,7 +149,7 @@ def test_builder_align_proposals_first_image_then_boxes():
 
 
 def test_chunked_builder_yields_chunks_like_the_batch_builder():
-    spec = IngestSpec(task="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
+    spec = IngestSpec(layout="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
     good = _jpeg(200, 100)
     samples = [(f"k{i}", good[:50] if i == 2 else good, _meta(i, 200, 100)) for i in range(7)]
     counter = _ListCounter()
@@ -169,7 +169,7 @@ def test_chunked_builder_yields_chunks_like_the_batch_builder():
 
 def test_row_bytes_matches_a_built_row():
     for task, rows in (("caption_region", 2), ("align", 3)):
-        spec = IngestSpec(task=task, image_size=S, rows=rows, max_len=5, randomize=False)
+        spec = IngestSpec(layout=task, image_size=S, rows=rows, max_len=5, randomize=False)
         out = BatchBuilder(spec, VOCAB)(_raw_batch([("k0", _jpeg(64, 64), _meta(0, 64, 64))]))
         assert spec.row_bytes == sum(v.nbytes for v in out.values())
 
@@ -242,7 +242,7 @@ def _order(shards, seed, epoch, passes=1):
     ds = build_dataset(shards, "train", "caption_fullframe", _cfg(), VOCAB, seed=seed, epoch=epoch,
                        preserve_order=True)
     out = []
-    for p in range(passes):
+    for _ in range(passes):
         ids, sents = [], []
         for b in iter_train_batches(ds, batch_size=5, device="cpu", prefetch_batches=1, epoch=epoch,
                                     seed=seed, shuffle_buffer=8):
@@ -270,18 +270,19 @@ def test_one_dataset_iterated_twice_draws_new_sentences(ray_local, shards):
 
 
 def test_prepared_synthetic_shards(ray_local, synth_world, tmp_path):
-    from dvsa.data.prepare import prepare_vg
-    from dvsa.data.shards import iter_samples, load_manifest, load_vocab
+    from dvsa.data.manifest import Manifest
+    from dvsa.data.prepare import PrepareOptions, VGSource, prepare_vg
+    from dvsa.data.shards import iter_samples, load_vocab
 
     out = str(tmp_path / "vg")
-    prepare_vg(str(synth_world / "vg"), out, min_count=1, use_ray=False, progress=False)
+    prepare_vg(VGSource(str(synth_world / "vg"), min_count=1), out, PrepareOptions(use_ray=False, progress=False))
     vocab = load_vocab(out)
-    manifest = load_manifest(out)
+    manifest = Manifest.read(out)
     cfg = _cfg(**{"data.max_len": 8, "caption.max_regions_per_image": 4})
     rows = _rows(build_dataset(out, "train", "caption", cfg, vocab, seed=0, shuffle=False))
     expected = {int(m["image_id"]): m for _, _, m in iter_samples(out, "train")}
     assert len(rows["image_id"]) == len(expected) > 0
-    assert manifest  # written by prepare
+    assert manifest.split_count("train", "images") == len(expected)
     for r in range(len(rows["image_id"])):
         meta = expected[int(rows["image_id"][r])]
         w, h = meta["width"], meta["height"]
@@ -304,7 +305,7 @@ def test_batch_builder_imports_without_ray():
 
     code = ("import sys; sys.modules['ray'] = None\n"
             "from dvsa.ingest.builder import BatchBuilder, IngestSpec\n"
-            "from dvsa.ingest.dataset import resolve_task, rows_per_image\n"
+            "from dvsa.ingest.dataset import resolve_layout, rows_per_image\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

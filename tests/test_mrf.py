@@ -10,8 +10,6 @@ import torch
 from dvsa.models.mrf import alignment_energy, snippets, viterbi_align
 
 
-
-
 def _brute_force(unary_row, n, regions, beta):
     best, best_a = float("-inf"), None
     for a in itertools.product(regions, repeat=n):

@@ -49,7 +49,8 @@ def test_truncated_json_names_file_and_position(tmp_path):
     p.write_text('[{"id": 1, "regions": []}, {"id": 2, "regions": [{"phrase": "a')
     it = iter_items(str(p), "item")
     assert next(it) == {"id": 1, "regions": []}
-    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #1 .*read \d+ bytes"):
+    with pytest.raises(DataError, match=r"region_descriptions.json: malformed or truncated JSON in element #1 "
+                                        r".*read \d+ bytes"):
         next(it)
     with pytest.raises(DataError, match="no such file"):
         list(iter_items(str(tmp_path / "nope.json")))
@@ -96,7 +97,7 @@ def test_deterministic_split():
 
 
 def test_small_json_files_name_the_file_and_where(tmp_path):
-    from dvsa.jsonfile import load_json
+    from dvsa.files import load_json
 
     good = tmp_path / "ok.json"
     good.write_text('{"a": [1, 2]}')

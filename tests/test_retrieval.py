@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from dvsa.config import Config
-from dvsa.evaluation.retrieval import (fold_metrics, metrics_from_ranks, model_score_fn,
-                                       retrieval_metrics, retrieval_ranks, matrix_score_fn)
+from dvsa.evaluation.retrieval import (
+    fold_metrics,
+    matrix_score_fn,
+    metrics_from_ranks,
+    model_score_fn,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 from dvsa.models.alignment import AlignmentModel
-
-
 
 
 def _brute_force(S: torch.Tensor, sent_img: list[int]) -> dict[str, float]:

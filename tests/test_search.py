@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from eval_fixtures import colour_aligner, prepare_shards, save, tiny_cfg
 from PIL import Image
 
 from dvsa.boxes import iou
 from dvsa.cli import main
-from eval_fixtures import colour_aligner, prepare_shards, save, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _objects(truth, split, colour, max_images):
 
 @pytest.mark.parametrize("colour", ["red", "blue"])
 def test_search_finds_every_object_of_the_colour_first(world, model_ckpt, colour):
-    from dvsa.commands.search import search
+    from dvsa.inference.search import search
 
     shards, truth = world
     model, vocab, cfg, _ = model_ckpt

@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from dvsa.config import Config
-from dvsa.experiments.snippets import (align_sentences, alignment_boxes, alignment_figure, encode_sentences,
-                                       first_sample, region_groups, snippet_regions, snippet_sample,
-                                       write_snippet_shards)
+from dvsa.data.groups import region_groups
+from dvsa.data.manifest import Manifest
+from dvsa.experiments.snippets import (
+    alignment_figure,
+    first_sample,
+    snippet_regions,
+    snippet_sample,
+    write_snippet_shards,
+)
+from dvsa.inference.alignment import align_sentences, alignment_boxes, encode_sentences
 from dvsa.models.alignment import AlignmentModel
-
-
 
 
 class _Vocab:
@@ -129,13 +134,14 @@ def test_without_the_whole_image_training_and_alignment_see_the_same_proposals()
     bare = {"width": 100, "height": 80}
     assert alignment_boxes(bare, 8, whole_image=False) == [[0, 0, 100, 80]]
 
-    from PIL import Image
     import io
+
+    from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (100, 80)).save(buf, "JPEG")
     vocab = Vocab.build({"x": 3}, 1, 1)
     for whole in (True, False):
-        spec = IngestSpec(task="align", image_size=50, rows=4, max_len=8, randomize=False, whole_image=whole)
+        spec = IngestSpec(layout="align", image_size=50, rows=4, max_len=8, randomize=False, whole_image=whole)
         out = BatchBuilder(spec, vocab)({"__key__": np.array(["k"]), "jpg": np.array([buf.getvalue()], dtype=object),
                                                    "json": np.array([json.dumps(meta).encode()], dtype=object)})
         want = [[v * 0.5 if i % 2 == 0 else v * 50 / 80 for i, v in enumerate(b)]
@@ -158,18 +164,20 @@ def _tiny_align_cfg(shards: str) -> Config:
 def snippet_job(tmp_path_factory, synth_world, ray_local):
     """Karpathy shards of the synth world, one train shard doctored (a corrupt JPEG, an image
     with no sentence), a random tiny alignment model checkpoint, and the job's output."""
-    from dvsa.data.prepare import prepare_karpathy
-    from dvsa.data.shards import ShardWriter, iter_samples, load_manifest, load_vocab, write_json_atomic
-    from dvsa.train.checkpoints import save_checkpoint
+    import dataclasses
+
+    from dvsa.data.prepare import KarpathySource, PrepareOptions, prepare_karpathy
+    from dvsa.data.shards import ShardWriter, iter_samples, load_vocab
+    from dvsa.models.checkpoint import save_checkpoint
 
     tmp = tmp_path_factory.mktemp("snip")
     clean = tmp / "karpathy"
-    prepare_karpathy(str(synth_world / "karpathy" / "dataset_synth.json"), str(synth_world / "vg"), str(clean),
-                     proposals=str(synth_world / "karpathy" / "proposals.json"), min_count=1,
-                     use_ray=False, progress=False)
+    prepare_karpathy(KarpathySource(str(synth_world / "karpathy" / "dataset_synth.json"), str(synth_world / "vg"),
+                                    proposals=str(synth_world / "karpathy" / "proposals.json"), min_count=1),
+                     str(clean), PrepareOptions(use_ray=False, progress=False))
     # a doctored copy: train sample 0 gets a truncated JPEG, sample 1 loses its sentences
     src = tmp / "doctored"
-    manifest = load_manifest(str(clean))
+    manifest = Manifest.read(str(clean))
     shards = []
     for split in ("train", "val"):
         with ShardWriter(str(src), split, 1 << 30) as w:
@@ -177,13 +185,15 @@ def snippet_job(tmp_path_factory, synth_world, ray_local):
                 if split == "train" and k == 0:
                     jpg = jpg[: len(jpg) // 3]
                 if split == "train" and k == 1:
-                    manifest["splits"]["train"]["sentences"] -= len(meta["sentences"])
+                    manifest.splits["train"].sentences -= len(meta["sentences"])
+                    manifest.tally.drop("doctored", sentences=len(meta["sentences"]))
                     meta["sentences"] = []
                 w.write(key, jpg, meta)
         shards += w.shards
-    manifest["shards"] = shards
-    write_json_atomic(__import__("fsspec").filesystem("file"), str(src / "manifest.json"), manifest)
-    (src / "vocab.json").write_text((clean / "vocab.json").read_text())
+    test = manifest.splits.pop("test")     # not copied
+    manifest.tally.drop("not_copied", images=test.images, sentences=test.sentences)
+    manifest = dataclasses.replace(manifest, shards=shards)
+    manifest.write(str(src), load_vocab(str(clean)))
 
     cfg = _tiny_align_cfg(str(src))
     vocab = load_vocab(str(src))
@@ -197,23 +207,25 @@ def snippet_job(tmp_path_factory, synth_world, ray_local):
 
 def test_job_manifest_balances_and_counts_bad_samples(snippet_job):
     m, src_m = snippet_job["manifest"], snippet_job["src_manifest"]
-    assert m["source"] == "snippets" and m["params"]["beta"] == 0.5
-    n_in = src_m["splits"]["train"]["images"] + src_m["splits"]["val"]["images"]
-    assert m["inputs"]["images"] == n_in
-    assert m["dropped"]["images"] == {"corrupt_image": 1, "no_sentence": 1}
-    assert m["written"]["images"] == n_in - 2
-    assert m["inputs"]["sentences"] == m["written"]["sentences"] + sum(m["dropped"]["sentences"].values())
-    assert m["inputs"]["regions"] == m["written"]["regions"] + sum(m["dropped"].get("regions", {}).values())
+    assert m.source == "snippets" and m.params["beta"] == 0.5
+    n_in = src_m.split_count("train", "images") + src_m.split_count("val", "images")
+    assert m.tally.inputs["images"] == n_in
+    assert m.dropped("images") == {"corrupt_image": 1, "no_sentence": 1}
+    assert m.written["images"] == n_in - 2
+    for kind in ("sentences", "regions"):
+        assert m.tally.inputs[kind] == m.written[kind] + sum(m.dropped(kind).values())
+    assert Manifest.read(str(snippet_job["out"])) == m and (snippet_job["out"] / "vocab.json").is_file()
     on_disk = json.loads((snippet_job["out"] / "manifest.json").read_text())
-    assert on_disk["written"] == m["written"] and (snippet_job["out"] / "vocab.json").is_file()
+    assert set(on_disk) == {"format", "source", "params", "inputs", "written", "splits", "shards", "dropped",
+                            "info", "vocab", "coco_ids", "run"}
 
 
 def test_job_output_equals_in_process_alignment(snippet_job):
     """Every written sample: regions = the MRF snippets of its sentences, as computed here
     in-process with the same model, and the snippets of each sentence partition it."""
     from dvsa.data.shards import iter_samples
-    from dvsa.experiments.snippets import embed_images
-    from dvsa.train.checkpoints import load_trained
+    from dvsa.inference.alignment import embed_images
+    from dvsa.inference.checkpoints import load_trained
 
     model, vocab, cfg = load_trained(str(snippet_job["ckpt"]))
     src = {key: (jpg, meta) for key, jpg, meta in iter_samples(str(snippet_job["src"]), "val")}
@@ -236,12 +248,11 @@ def test_job_output_equals_in_process_alignment(snippet_job):
 
 def test_snippet_shards_feed_the_region_captioner_ingest(snippet_job):
     """The output is a valid shard set for caption.mode=region: region rows come out."""
-    from dvsa.data.shards import load_vocab
+    from dvsa.data.shards import iter_samples, load_vocab
     from dvsa.ingest.builder import BatchBuilder, IngestSpec
-    from dvsa.data.shards import iter_samples
 
     vocab = load_vocab(str(snippet_job["out"]))
-    spec = IngestSpec(task="caption_region", image_size=32, rows=4, max_len=10, randomize=False)
+    spec = IngestSpec(layout="caption_region", image_size=32, rows=4, max_len=10, randomize=False)
     key, jpg, meta = next(iter_samples(str(snippet_job["out"]), "train"))
     batch = BatchBuilder(spec, vocab)({"__key__": [key], "jpg": [jpg], "json": [json.dumps(meta).encode()]})
     n = min(4, len(meta["regions"]))
@@ -251,7 +262,7 @@ def test_snippet_shards_feed_the_region_captioner_ingest(snippet_job):
 
 
 def test_alignment_figure_png(snippet_job, tmp_path):
-    from dvsa.train.checkpoints import load_trained
+    from dvsa.inference.checkpoints import load_trained
 
     model, vocab, cfg = load_trained(str(snippet_job["ckpt"]))
     key, jpg, meta = first_sample(str(snippet_job["src"]), "val")
@@ -262,8 +273,8 @@ def test_alignment_figure_png(snippet_job, tmp_path):
 def test_job_refuses_a_captioner_checkpoint(tmp_path, snippet_job):
     from dvsa.data.shards import load_vocab
     from dvsa.errors import DvsaError
-    from dvsa.train.build import build_model
-    from dvsa.train.checkpoints import save_checkpoint
+    from dvsa.models.build import build_model
+    from dvsa.models.checkpoint import save_checkpoint
 
     cfg = _tiny_align_cfg(str(snippet_job["src"])).replace(task="caption")
     vocab = load_vocab(str(snippet_job["src"]))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dvsa.data.prepare import prepare_karpathy, prepare_vg
+from dvsa.data.prepare import KarpathySource, PrepareOptions, VGSource, prepare_karpathy, prepare_vg
 from dvsa.data.stats import caption_stats, collect
 
 
@@ -19,10 +19,11 @@ def test_caption_stats_by_hand():
 @pytest.fixture(scope="module")
 def prepared(synth_world, tmp_path_factory):
     base = tmp_path_factory.mktemp("stats")
-    prepare_vg(str(synth_world / "vg"), str(base / "vg"), split_file=str(synth_world / "vg" / "densecap_splits.json"),
-               use_ray=False, progress=False)
-    prepare_karpathy(str(synth_world / "karpathy" / "dataset_synth.json"), str(synth_world / "vg"), str(base / "kp"),
-                     use_ray=False, progress=False)
+    local = PrepareOptions(use_ray=False, progress=False)
+    prepare_vg(VGSource(str(synth_world / "vg"), split_file=str(synth_world / "vg" / "densecap_splits.json")),
+               str(base / "vg"), local)
+    prepare_karpathy(KarpathySource(str(synth_world / "karpathy" / "dataset_synth.json"), str(synth_world / "vg")),
+                     str(base / "kp"), local)
     return base
 
 

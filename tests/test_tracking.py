@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import pytest
 
-from dvsa import tracking
+from dvsa import tracking, viz
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_artifacts_table_dict_and_curves(uri, tmp_path):
     logger.log_table([{"image_id": 1, "generated": "a dog", "reference": "a brown dog"},
                       {"image_id": 2, "generated": "", "reference": "a cat"}], "samples/val.json")
     logger.log_dict({"best": "/x"}, "checkpoint.json")
-    png = tracking.plot_curves({"train/loss": [(1, 3.0), (2, 2.0)], "val/loss": []}, tmp_path / "c.png", "t")
+    png = viz.plot_curves({"train/loss": [(1, 3.0), (2, 2.0)], "val/loss": []}, tmp_path / "c.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logger.log_artifact(png, "plots")
     from mlflow.tracking import MlflowClient

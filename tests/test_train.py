@@ -1,20 +1,25 @@
-"""Training: schedule, checkpoints, input checks, and one end-to-end job per model on a local Ray."""
+"""Training: schedule, checkpoints, input checks, and one end-to-end job per model (the demo's
+three jobs, trained once per session), each checked against exact expectations."""
 
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from dvsa.config import ConfigError, load_config
 from dvsa.errors import DataError, DvsaError
+from dvsa.inference.checkpoints import best_checkpoint_dir, load_trained
+from dvsa.models.checkpoint import STATE_FILE, load_state, save_checkpoint
 from dvsa.models.optim import build_optimizer
 from dvsa.train import common
-from dvsa.train.checkpoints import (STATE_FILE, best_checkpoint_dir, load_state, load_trained,
-                                    save_checkpoint)
 from dvsa.train.loop import cap_images
+from run_checks import (CAPTION_METRICS, checkpoint_epochs, close, coco_caption_scores, retrieval_by_hand,
+                        split_count, steps_per_epoch, validation_captions)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +50,8 @@ def test_cap_images_cuts_the_stream_exactly():
 
 
 def test_checkpoint_roundtrip_without_pickle(shards, tmp_path):
+    from dvsa.models.build import build_model
     from dvsa.text import Vocab
-    from dvsa.train.build import build_model
 
     cfg = tiny_cfg(shards, tmp_path)
     vocab = Vocab.load(str(shards / "vg" / "vocab.json"))
@@ -88,7 +93,7 @@ def test_inputs_checked_before_ray(shards, tmp_path):
 
     cfg = tiny_cfg(shards, tmp_path)
     manifest = check_inputs(cfg, "caption")
-    assert total_steps(cfg, manifest) == (manifest["splits"]["train"]["images"] // 8) * 2
+    assert total_steps(cfg, manifest) == (manifest.split_count("train", "images") // 8) * 2
     assert total_steps(cfg.replace(**{"train.max_steps": 3}), manifest) == 3
     with pytest.raises(ConfigError, match="task: this job trains 'align'"):
         check_inputs(cfg, "align")
@@ -117,88 +122,158 @@ def test_cli_config_errors_are_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+# The session's trained models are the three training jobs of `dvsa demo` (conftest.demo_run:
+# an 80-image world, 1 epoch, batch 16, train/loss every step, 4 validation images). Each test
+# checks one job's run against what its inputs dictate: steps from the manifest, the validation
+# rows from the shards, the logged metrics recomputed independently from the run's own output.
 
 
-def _run_contents(outcome):
+@dataclass
+class Job:
+    cfg: Any
+    run: Any                 # mlflow Run
+    client: Any
+    uri: str
+    root: Path               # the shards the job trained on
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def history(self, key: str) -> list:
+        return sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
+
+    def artifact_json(self, path: str):
+        return json.loads(Path(self.client.download_artifacts(self.run_id, path)).read_text())
+
+
+def _job(demo_run, key: str) -> Job:
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(outcome.tracking_uri)
-    run = c.get_run(outcome.run_id)
-    arts = {a.path for a in c.list_artifacts(outcome.run_id)}
-    return c, run, arts
+    from dvsa.train.launch import shards_root
+
+    opts, res = demo_run
+    uri = f"sqlite:///{opts.out / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    run = c.get_run(res.runs[key])
+    cfg = load_config(c.download_artifacts(run.info.run_id, "config.yaml"))
+    return Job(cfg, run, c, uri, Path(shards_root(cfg)))
 
 
-def _check_common(outcome, cfg, steps_per_epoch_min=1):
-    assert outcome.epoch == cfg.train.epochs and outcome.step >= cfg.train.epochs * steps_per_epoch_min
-    state = load_state(outcome.checkpoint)
-    assert state["epoch"] >= 1 and state["step"] >= 1
-    ckpts = [p for p in Path(outcome.run_dir).glob("checkpoint_*") if p.is_dir()]
-    assert 1 <= len(ckpts) <= cfg.train.keep_checkpoints
-    c, run, arts = _run_contents(outcome)
+def _check_run(job: Job) -> int:
+    """What every training job leaves behind, exactly; returns the steps per epoch."""
+    from dvsa.tracking import param_value
+
+    cfg, run, t = job.cfg, job.run, job.cfg.train
+    per_epoch = steps_per_epoch(job.root, cfg.data.batch_size, t.num_workers)
+    steps = per_epoch * t.epochs
+    assert per_epoch > 0
+    m = run.data.metrics
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == str(cfg.train.epochs)
-    assert run.data.params["model.backbone"] == "tiny" and len(run.data.params) == len(cfg.flat())
-    assert {"checkpoint.json", "vocab.json", "config.yaml", "plots"} <= arts
-    loss = c.get_metric_history(outcome.run_id, "train/loss")
-    assert [m.step for m in loss] == list(range(cfg.train.log_every, outcome.step + 1, cfg.train.log_every)) \
-        or loss[-1].step == outcome.step
-    val = c.get_metric_history(outcome.run_id, "val/loss")
-    assert len(val) == cfg.train.epochs and all(m.value > 0 for m in val)
-    assert run.data.tags["dvsa.checkpoint"] == outcome.checkpoint
-    return c, run, arts
+    assert (m["final/step"], m["final/epoch"]) == (steps, t.epochs)
+    # checkpoints: the latest is the last epoch's; the best is the one the run is tagged with
+    ref = job.artifact_json("checkpoint.json")
+    latest, best = load_state(ref["latest"]), load_state(ref["best"])
+    assert (latest["step"], latest["epoch"]) == (steps, t.epochs)
+    assert run.data.tags["dvsa.checkpoint"] == ref["best"] and best["metrics"] == ref["best_metrics"]
+    assert best["epoch"] in checkpoint_epochs(t.epochs, t.checkpoint_every)
+    assert {k: m[f"best/{k}"] for k in best["metrics"] if k.startswith("val/")} == \
+        {k: v for k, v in best["metrics"].items() if k.startswith("val/")}
+    kept = min(len(checkpoint_epochs(t.epochs, t.checkpoint_every)), t.keep_checkpoints)
+    assert len([p for p in Path(ref["run_dir"]).glob("checkpoint_*") if p.is_dir()]) == kept
+    # MLflow: every config key as a param; the loss every log_every steps; val every val epoch
+    assert run.data.params == {k: param_value(v) for k, v in cfg.flat().items()}
+    assert {"checkpoint.json", "vocab.json", "config.yaml", "plots"} <= {a.path for a in job.client.list_artifacts(job.run_id)}
+    assert [h.step for h in job.history("train/loss")] == list(range(t.log_every, steps + 1, t.log_every))
+    val_epochs = [e for e in range(1, t.epochs + 1) if e % t.val_every == 0 or e in checkpoint_epochs(t.epochs, t.checkpoint_every)]
+    assert [h.step for h in job.history("val/loss")] == [per_epoch * e for e in val_epochs]
+    return per_epoch
 
 
-@pytest.mark.ray
-def test_region_captioner_end_to_end(ray_local, shards, tmp_path):
-    from dvsa.train.launch import train
+def _check_captions(job: Job, meteor) -> None:
+    """The validation rows are the shards' first val images' captions; the logged metrics are
+    pycocoevalcap's on the run's own generated captions (all in the sample table)."""
+    from dvsa.text import Vocab
 
-    cfg = tiny_cfg(shards, tmp_path, "caption.mode=region", "caption.cell=lstm", "train.name=region-e2e")
-    outcome = train(cfg, "caption")
-    c, run, arts = _check_common(outcome, cfg)
-    assert run.data.tags["task"] == "caption" and run.data.tags["mode"] == "region"
-    assert run.data.tags["dataset"] == "vg"
-    meteor = c.get_metric_history(outcome.run_id, "val/METEOR")
-    assert len(meteor) == cfg.train.epochs and all(0.0 <= m.value <= 1.0 for m in meteor)
-    assert "samples" in arts and "pictures" in arts
-    pics = [a.path for a in c.list_artifacts(outcome.run_id, "pictures")]
+    cfg, m = job.cfg, job.run.data.metrics
+    vocab = Vocab.load(str(job.root / "vocab.json"))
+    expected = validation_captions(job.root, cfg.caption.mode, cfg.data.max_val_images,
+                                   cfg.caption.max_regions_per_image, cfg.data.max_len, vocab)
+    assert 0 < len(expected) <= 16, "the sample table keeps 16 rows: keep data.max_val_images small"
+    assert m["val/captions"] == len(expected)
+    assert len(job.history("val/METEOR")) == cfg.train.epochs
+    table = job.artifact_json("samples/val_captions.json")
+    assert table["columns"] == ["image_id", "generated", "reference"]
+    assert [(row[0], row[2]) for row in table["data"]] == expected
+    refs = {i: [row[2]] for i, row in enumerate(table["data"])}
+    hyps = {i: row[1] for i, row in enumerate(table["data"])}
+    theirs = coco_caption_scores(refs, hyps, meteor)
+    for k in CAPTION_METRICS:
+        assert close(m[f"val/{k}"], theirs[k]), (k, m[f"val/{k}"], theirs[k])
+
+
+@pytest.fixture(scope="module")
+def coco_meteor():
+    """pycocoevalcap's own METEOR (one JVM for the module)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    yield meteor
+    del meteor
+
+
+def test_region_captioner_end_to_end(demo_run, coco_meteor):
+    job = _job(demo_run, "region")
+    _check_run(job)
+    tags = job.run.data.tags
+    assert (tags["task"], tags["mode"], tags["cell"], tags["dataset"]) == ("caption", "region", "lstm", "vg")
+    _check_captions(job, coco_meteor)
+    pics = [a.path for a in job.client.list_artifacts(job.run_id, "pictures")]
     assert len(pics) == 1 and pics[0].endswith(".png")
-    table = json.load(open(c.download_artifacts(outcome.run_id, "samples/val_captions.json")))
-    assert table["columns"] == ["image_id", "generated", "reference"] and table["data"]
     # the checkpoint loads back by MLflow run id, as a CaptioningModel with its vocabulary
-    model, vocab, cfg2 = load_trained(outcome.run_id, tracking_uri=outcome.tracking_uri)
-    assert type(model).__name__ == "CaptioningModel" and cfg2.caption.mode == "region"
+    model, vocab, cfg2 = load_trained(job.run_id, tracking_uri=job.uri)
+    assert type(model).__name__ == "CaptioningModel" and cfg2 == job.cfg
     assert len(vocab) == model.captioner.vocab_size
 
 
-@pytest.mark.ray
-def test_fullframe_rnn_captioner_end_to_end(ray_local, shards, tmp_path):
-    from dvsa.train.launch import train
-
-    cfg = tiny_cfg(shards, tmp_path, "caption.mode=fullframe", "caption.cell=rnn", "train.epochs=1",
-                   "train.name=ff-e2e")
-    outcome = train(cfg, "caption")
-    c, run, arts = _check_common(outcome, cfg)
-    assert run.data.tags["mode"] == "fullframe" and run.data.tags["cell"] == "rnn"
-    assert run.data.tags["dataset"] == "karpathy"
-    n_val = json.loads((shards / "kp" / "manifest.json").read_text())["splits"]["val"]["images"]
-    assert "val/METEOR" in outcome.metrics and outcome.metrics["val/captions"] == min(12, n_val)
+def test_fullframe_captioner_end_to_end(demo_run, coco_meteor):
+    job = _job(demo_run, "fullframe")
+    _check_run(job)
+    tags = job.run.data.tags
+    assert (tags["task"], tags["mode"], tags["cell"], tags["dataset"]) == ("caption", "fullframe", "lstm", "karpathy")
+    assert job.run.data.metrics["val/captions"] == min(job.cfg.data.max_val_images, split_count(job.root, "val"))
+    _check_captions(job, coco_meteor)
 
 
-@pytest.mark.ray
-def test_alignment_end_to_end(ray_local, shards, tmp_path):
-    from dvsa.train.launch import train
+def test_alignment_end_to_end(demo_run, ray_local):
+    """The logged retrieval metrics are those of the saved checkpoint on the first val images,
+    rebuilt here (same dataset builder) and ranked by hand."""
+    from dvsa.ingest import build_dataset, iter_eval_batches, normalize_images
+    from dvsa.models.alignment import ranking_loss
 
-    cfg = tiny_cfg(shards, tmp_path, "train.name=align-e2e", "train.epochs=1")
-    cfg = cfg.replace(task="align")
-    outcome = train(cfg, "align")
-    c, run, arts = _check_common(outcome, cfg)
-    assert run.data.tags["task"] == "align"
+    job = _job(demo_run, "align")
+    _check_run(job)
+    cfg, m = job.cfg, job.run.data.metrics
+    assert job.run.data.tags["task"] == "align"
     for k in ("val/i2t_r1", "val/i2t_r10", "val/t2i_r5", "val/t2i_medr", "val/rsum"):
-        assert len(c.get_metric_history(outcome.run_id, k)) == cfg.train.epochs
-    # n validation images (one sentence each): R@10 covers at least min(10, n)/n of the queries
-    n = json.loads((shards / "kp" / "manifest.json").read_text())["splits"]["val"]["images"]
-    n = min(12, n)
-    assert outcome.metrics["val/images"] == n
-    assert outcome.metrics["val/i2t_r10"] >= 100 * min(10, n) / n - 1e-6
-    model, vocab, cfg2 = load_trained(outcome.checkpoint)
-    assert type(model).__name__ == "AlignmentModel" and cfg2.task == "align"
+        assert len(job.history(k)) == cfg.train.epochs
+    n = min(cfg.data.max_val_images, split_count(job.root, "val"))
+    assert m["val/images"] == n
+    ckpt = job.run.data.tags["dvsa.checkpoint"]
+    model, vocab, cfg2 = load_trained(ckpt)
+    assert type(model).__name__ == "AlignmentModel" and cfg2 == cfg
+    assert load_state(ckpt)["epoch"] == cfg.train.epochs       # 1 epoch: its metrics are the last logged
+    ds = build_dataset(str(job.root), "val", "align", cfg, vocab, seed=cfg.train.seed, shuffle=False,
+                       preserve_order=True).limit(cfg.data.max_val_images)
+    batches = list(iter_eval_batches(ds, 64))
+    assert len(batches) == 1 and len(batches[0]["box_mask"]) == n
+    b = batches[0]
+    with torch.no_grad():
+        emb, emb_mask = model.embed_regions(normalize_images(b["images"]), b["boxes"], b["box_mask"].bool())
+        s, s_mask = model.embed_words(b["tokens"], b["lengths"])
+        S = model.scores(emb, emb_mask, s, s_mask).float()
+        loss = float(ranking_loss(S, margin=cfg.align.margin, hardest=cfg.align.loss == "hardest"))
+    by_hand = retrieval_by_hand(S.tolist())
+    for k, v in by_hand.items():
+        assert close(m[f"val/{k}"], v), (k, m[f"val/{k}"], v)
+    assert close(m["val/loss"], loss, 1e-5)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from dvsa.config import load_config
+from dvsa.train.launch import outcome_dict, train
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML preset (configs/tiny.yaml, configs/vg.yaml)")
@@ -15,9 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, task: str) -> int:
-    from dvsa.config import load_config
-    from dvsa.train.launch import outcome_dict, train
-
     # the command fixes the task; an explicit task=... override still wins (and is then refused)
     cfg = load_config(args.config, [f"task={task}", *args.overrides])
     outcome = train(cfg, task)

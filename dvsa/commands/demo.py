@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dvsa.demo import DemoOptions, run_demo
+from dvsa.errors import DvsaError
+
 HELP = "the whole pipeline on a synthetic world on a local Ray, in minutes"
 
 
@@ -20,14 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dvsa.demo import DemoOptions, run_demo
-
     opts = DemoOptions(out=Path(args.out), seed=args.seed, overrides=list(args.overrides),
                        config=Path(args.config) if args.config else None, num_cpus=args.num_cpus)
     if args.images is not None:
         if args.images < 50:
-            from dvsa.errors import DvsaError
-
             raise DvsaError(f"--images must be >= 50 (the world needs val and test images), got {args.images}")
         opts.images = args.images
     res = run_demo(opts)

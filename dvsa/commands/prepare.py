@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dvsa.data.manifest import DEFAULT_SHARD_BYTES
+from dvsa.data.prepare import (
+    DEFAULT_CHUNK_IMAGES,
+    KarpathySource,
+    PrepareOptions,
+    VGSource,
+    prepare_karpathy,
+    prepare_vg,
+    summary,
+)
+
 HELP = "turn VG or Karpathy-split data into WebDataset shards (+ manifest, vocab)"
 
 
 def _common(p) -> None:
-    from dvsa.data.prepare import DEFAULT_CHUNK_IMAGES, DEFAULT_SHARD_BYTES
-
     p.add_argument("--out", required=True, help="output directory or fsspec URL")
     p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="target shard size in bytes")
     p.add_argument("--max-side", type=int, default=None, help="downscale images once so the longer side is <= PX")
@@ -23,10 +32,13 @@ def _common(p) -> None:
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
     v = sub.add_parser("vg", help="Visual Genome v1.2 (image_data.json, region_descriptions.json, VG_100K*/)")
-    v.add_argument("--root", required=True, help="directory holding image_data.json, region_descriptions.json, VG_100K*/")
+    v.add_argument("--root", required=True,
+                   help="directory holding image_data.json, region_descriptions.json, VG_100K*/")
     v.add_argument("--split-file", default=None, help='densecap-style {"train": [ids], "val": [...], "test": [...]}')
-    v.add_argument("--val-images", type=int, default=None, help="without a split file: val size (default min(5000, N/10))")
-    v.add_argument("--test-images", type=int, default=None, help="without a split file: test size (default min(5000, N/10))")
+    v.add_argument("--val-images", type=int, default=None,
+                   help="without a split file: val size (default min(5000, N/10))")
+    v.add_argument("--test-images", type=int, default=None,
+                   help="without a split file: test size (default min(5000, N/10))")
     v.add_argument("--min-count", type=int, default=15, help="vocabulary count threshold (paper: 15 for VG)")
     v.add_argument("--karpathy-shards", default=None,
                    help="prepared Karpathy-split shards: report VG val/test images in its train split")
@@ -41,17 +53,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from dvsa.data.prepare import prepare_karpathy, prepare_vg, summary
-
-    common = dict(shard_bytes=args.shard_bytes, max_side=args.max_side, chunk_images=args.chunk_images,
-                  address=args.address, num_cpus=args.num_cpus, verify=args.verify, use_ray=not args.no_ray, progress=not args.quiet)
+    options = PrepareOptions(shard_bytes=args.shard_bytes, max_side=args.max_side, chunk_images=args.chunk_images,
+                             verify=args.verify, address=args.address, num_cpus=args.num_cpus,
+                             use_ray=not args.no_ray, progress=not args.quiet)
     if args.source == "vg":
-        m = prepare_vg(args.root, args.out, split_file=args.split_file, val_images=args.val_images,
-                       test_images=args.test_images, min_count=args.min_count,
-                       karpathy_shards=args.karpathy_shards, **common)
+        m = prepare_vg(VGSource(args.root, split_file=args.split_file, val_images=args.val_images,
+                                test_images=args.test_images, karpathy_shards=args.karpathy_shards,
+                                min_count=args.min_count), args.out, options)
     else:
-        m = prepare_karpathy(args.json, args.images_root, args.out, proposals=args.proposals,
-                             min_count=args.min_count, vg_shards=args.vg_shards, **common)
+        m = prepare_karpathy(KarpathySource(args.json, args.images_root, proposals=args.proposals,
+                                            vg_shards=args.vg_shards, min_count=args.min_count), args.out, options)
     print(summary(m))
     print(f"wrote {args.out}/manifest.json and vocab.json")
     return 0

@@ -8,9 +8,12 @@ shard set (a Ray Data batch-inference job) written as region-snippet shards; see
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+from pathlib import Path
 
-log = logging.getLogger(__name__)
+from dvsa import runtime
+from dvsa.errors import DvsaError
+from dvsa.experiments.snippets import checkpoint_figure, write_snippet_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from dvsa import runtime
-    from dvsa.errors import DvsaError
-    from dvsa.experiments.snippets import write_snippet_shards
 
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     if not splits:
@@ -51,47 +48,18 @@ def run(args: argparse.Namespace) -> int:
         m = write_snippet_shards(args.checkpoint, args.shards, args.out, splits=splits, beta=args.beta,
                                  include_full_image=not args.exclude_full_image, batch_size=args.batch_size,
                                  concurrency=args.concurrency, use_gpu=args.use_gpu)
-    for split, c in m["splits"].items():
-        print(f"{split:<6} {c['images']:>7} images {c['regions']:>8} snippets {c['groups']:>7} groups "
-              f"{c['shards']:>4} shards")
-    drops = {k: v for k, v in m["dropped"].items() if v}
+    for split, c in m.splits.items():
+        print(f"{split:<6} {c.images:>7} images {c.regions:>8} snippets {c.groups:>7} groups "
+              f"{m.split_count(split, 'shards'):>4} shards")
+    drops = {k: v for k, v in m.tally.dropped_dict().items() if v}
     if drops:
         print("dropped: " + "; ".join(f"{k}: " + ", ".join(f"{r}={n}" for r, n in v.items()) for k, v in drops.items()))
-    print(f"{m['info']['snippets_per_sentence']} snippets per sentence, {m['info']['words_per_snippet']} words "
-          f"per snippet (beta={m['params']['beta']:g}); vocab {m['vocab']['size']} words")
+    print(f"{m.info['snippets_per_sentence']} snippets per sentence, {m.info['words_per_snippet']} words "
+          f"per snippet (beta={m.params['beta']:g}); vocab {m.vocab.size} words")
     if args.figure_split and local_out:
-        fig = _figure(args, Path(args.out) / "fig5_alignment.png")
+        fig = checkpoint_figure(args.checkpoint, args.shards, args.figure_split, Path(args.out) / "fig5_alignment.png",
+                                beta=args.beta)
         if fig:
             print(f"Fig. 5 example: {fig}")
     print(f"next: dvsa train-caption --config configs/tiny.yaml data.shards={args.out} caption.mode=region")
     return 0
-
-
-def _figure(args, path):
-    """Fig. 5 of the first sample of --figure-split; logged to the alignment model's MLflow run
-    when that run can be found. Returns the path, or None when the split has no sample."""
-    import os
-
-    from dvsa import tracking
-    from dvsa.errors import DataError
-    from dvsa.experiments.snippets import alignment_figure, first_sample
-    from dvsa.experiments.word_alignment import find_alignment_run
-    from dvsa.train.checkpoints import load_trained, resolve_checkpoint
-
-    try:
-        _, jpg, meta = first_sample(args.shards, args.figure_split)
-    except DataError as e:
-        log.warning("no Fig. 5 example: %s", e)
-        return None
-    resolved = resolve_checkpoint(args.checkpoint)
-    model, vocab, cfg = load_trained(str(resolved))
-    fig = alignment_figure(model, vocab, cfg, jpg, meta, path, beta=args.beta)
-    uri = tracking.tracking_uri(os.environ.get("DVSA_OUT", cfg.out), cfg.mlflow.tracking_uri)
-    try:
-        rid = find_alignment_run(uri, args.checkpoint, str(resolved))
-    except Exception as e:  # no store there: the picture is still on disk
-        log.warning("MLflow store %s not readable (%s): Fig. 5 not logged", uri, e)
-        rid = None
-    if rid:
-        tracking.RunLogger(uri, rid).log_artifact(fig, "figures")
-    return fig

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dvsa.data.stats import collect, plot, table
+from dvsa.errors import DvsaError
+
 HELP = "region vs full-image caption statistics of prepared shards (table + PNG)"
 
 
@@ -18,9 +21,6 @@ def run(args) -> int:
     import posixpath
 
     import fsspec
-
-    from dvsa.data.stats import collect, plot, table
-    from dvsa.errors import DvsaError
 
     split = None if args.split == "all" else args.split
     stats = collect(args.shards, split, args.top)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dvsa.data.synth import SynthOptions, write_world
+
 HELP = "write a synthetic world in Visual Genome + Karpathy-split formats"
 
 
@@ -14,8 +16,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from dvsa.data.synth import SynthOptions, write_world
-
     s = write_world(args.out, SynthOptions(images=args.images, image_size=args.image_size, seed=args.seed,
                                            phrases_per_object=args.phrases_per_object))
     print(f"wrote {s['images']} images, {s['regions']} region phrases, {s['sentences']} sentences "

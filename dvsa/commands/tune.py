@@ -7,6 +7,9 @@ import argparse
 import json
 from dataclasses import asdict
 
+from dvsa.config import load_config
+from dvsa.tuning import run_sweep
+
 HELP = "run a Ray Tune sweep over a config's search space, recorded in MLflow"
 
 
@@ -20,9 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dvsa.config import load_config
-    from dvsa.tuning import run_sweep
-
     overrides = list(args.overrides)
     if args.name:
         overrides.append(f"tune.name={args.name}")

@@ -15,14 +15,19 @@ import marshal
 import os
 import posixpath
 import resource
-from collections import Counter, defaultdict
+from collections import Counter
+from dataclasses import dataclass, field
 from itertools import chain
+from typing import Sequence
 
 import fsspec
 
-from dvsa.boxes import clip_box, group_boxes, is_degenerate
-from dvsa.data.images import BadImage, prepare_image
-from dvsa.data.shards import SHARD_RE, ShardWriter, write_json_atomic
+from dvsa.boxes import clip_box, is_degenerate
+from dvsa.data.groups import region_groups
+from dvsa.data.images import BadImage, StoredImage, prepare_image
+from dvsa.data.manifest import ShardRecord, SplitCounts, Tally, split_counts_from_dicts
+from dvsa.data.shards import SHARD_RE, ShardWriter
+from dvsa.files import write_json_atomic
 from dvsa.text import clean_caption
 
 STRIDE = 1000          # shard numbers reserved per chunk (and split)
@@ -106,6 +111,57 @@ def _read_first(paths) -> bytes:
     raise FileNotFoundError(paths[0] if paths else "no path")
 
 
+@dataclass
+class ChunkCounts:
+    """What a chunk counts as it goes: the tally (in / dropped), what each split got, notes
+    (``info``), and the train split's tokens and captions for the vocabulary."""
+
+    tally: Tally = field(default_factory=Tally)
+    splits: dict[str, SplitCounts] = field(default_factory=dict)
+    info: Counter = field(default_factory=Counter)
+    tokens: Counter = field(default_factory=Counter)
+    train_captions: int = 0
+    coco_ids: dict[str, list] = field(default_factory=dict)
+    bytes_in: int = 0
+
+    def drop_item(self, it: dict, reason: str) -> None:
+        """The whole image goes, with its regions and sentences."""
+        self.tally.drop(reason, images=1, regions=len(it.get("regions") or ()),
+                        sentences=len(it.get("sentences") or ()))
+
+    def written(self, meta: dict) -> None:
+        split = meta["split"]
+        regions, sentences = meta["regions"], meta["sentences"]
+        self.splits.setdefault(split, SplitCounts()).add(images=1, regions=len(regions), groups=len(meta["groups"]),
+                                                          sentences=len(sentences))
+        if meta["coco_id"] is not None:
+            self.coco_ids.setdefault(split, []).append(meta["coco_id"])
+        if split == "train":
+            self.tokens.update(chain.from_iterable(cap["tokens"] for cap in regions))
+            self.tokens.update(chain.from_iterable(cap["tokens"] for cap in sentences))
+            self.train_captions += len(regions) + len(sentences)
+
+    def add_record(self, rec: dict, where: str) -> None:
+        """Fold in a chunk's completion record (``where``: the record, for errors)."""
+        for split, c in split_counts_from_dicts(rec["counts"], where).items():
+            self.splits.setdefault(split, SplitCounts()).merge(c)
+        self.tally.add(Tally.from_dict(rec, where))
+        self.info.update(rec["info"])
+        self.tokens.update(rec["tokens"])
+        self.train_captions += rec["train_captions"]
+        for split, ids in rec["coco_ids"].items():
+            self.coco_ids.setdefault(split, []).extend(ids)
+        self.bytes_in += rec["bytes_in"]
+
+    def record(self, chunk: int, fp: str, shards: list[ShardRecord]) -> dict:
+        """The completion record (JSON): what the chunk wrote, counted and dropped."""
+        return {"chunk": chunk, "fingerprint": fp, "shards": [s.to_dict() for s in shards],
+                "counts": {s: c.to_dict() for s, c in self.splits.items()}, **self.tally.to_dict(),
+                "info": dict(self.info), "tokens": dict(self.tokens), "train_captions": self.train_captions,
+                "coco_ids": self.coco_ids, "bytes_in": self.bytes_in,
+                "worker_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
 def process_chunk(chunk: int, items: list[dict], out: str, params: dict, fp: str) -> dict:
     """Write the shards of one chunk and its completion record; return the record.
 
@@ -117,152 +173,141 @@ def process_chunk(chunk: int, items: list[dict], out: str, params: dict, fp: str
     fs.makedirs(posixpath.join(base, RECORDS), exist_ok=True)
     _clean_stale(fs, base, chunk)
 
-    max_side = params.get("max_side")
-    thr = params["iou_threshold"]
+    counts = ChunkCounts()
     writers: dict[str, ShardWriter] = {}
-    counts = defaultdict(lambda: Counter())          # split -> images/regions/groups/sentences
-    dropped = {"images": Counter(), "regions": Counter(), "sentences": Counter()}
-    info = Counter()
-    tokens = Counter()
-    train_captions = 0
-    coco_ids = defaultdict(list)
-    inputs = Counter()
-    bytes_in = 0
-
-    def drop_image(it, reason):
-        dropped["images"][reason] += 1
-        dropped["regions"][reason] += len(it.get("regions") or ())
-        dropped["sentences"][reason] += len(it.get("sentences") or ())
-
     try:
         for it in items:
-            inputs["images"] += 1
-            inputs["regions"] += len(it.get("regions") or ())
-            inputs["sentences"] += len(it.get("sentences") or ())
-            split = it["split"]
-            try:
-                raw = _read_first(it.get("paths") or ())
-            except FileNotFoundError:
-                drop_image(it, "missing_file")
+            counts.tally.count_in(images=1, regions=len(it.get("regions") or ()),
+                                  sentences=len(it.get("sentences") or ()))
+            sample = build_sample(it, params, counts)
+            if sample is None:
                 continue
-            except OSError:
-                drop_image(it, "unreadable_file")
-                continue
-            bytes_in += len(raw)
-            try:
-                img = prepare_image(raw, max_side, params.get("verify", "decode"))
-            except BadImage:
-                drop_image(it, "corrupt_image")
-                continue
-            if img.action != "copied":
-                info[f"images_{img.action}"] += 1
-            ms = it.get("meta_size")
-            if ms and (ms[0], ms[1]) != (img.orig_width, img.orig_height):
-                info["size_differs_from_metadata"] += 1
-            sx, sy = img.scale
-            W, H = img.orig_width, img.orig_height
-
-            # ---- regions: clean, clip, drop degenerate / empty
-            regions = []
-            for r in it.get("regions") or ():
-                try:
-                    phrase, rid = r["phrase"], r["region_id"]
-                    x, y, bw, bh = r["x"], r["y"], r["width"], r["height"]
-                except (TypeError, KeyError):
-                    dropped["regions"]["bad_region"] += 1
-                    continue
-                if type(phrase) is not str or type(rid) is not int or not (
-                        _number(x) and _number(y) and _number(bw) and _number(bh)):
-                    dropped["regions"]["bad_region"] += 1
-                    continue
-                toks = clean_caption(phrase)
-                if not toks:
-                    dropped["regions"]["empty_caption"] += 1
-                    continue
-                x2, y2 = x + bw, y + bh
-                cx1, cy1 = (0 if x < 0 else W if x > W else x), (0 if y < 0 else H if y > H else y)
-                cx2, cy2 = (0 if x2 < 0 else W if x2 > W else x2), (0 if y2 < 0 else H if y2 > H else y2)
-                if not (cx2 > cx1 and cy2 > cy1):
-                    dropped["regions"]["degenerate_box"] += 1
-                    continue
-                clipped = [cx1, cy1, cx2, cy2]
-                if cx1 != x or cy1 != y or cx2 != x2 or cy2 != y2:
-                    info["boxes_clipped"] += 1
-                if (sx, sy) != (1.0, 1.0):
-                    clipped = [round(clipped[0] * sx, 2), round(clipped[1] * sy, 2),
-                               round(clipped[2] * sx, 2), round(clipped[3] * sy, 2)]
-                regions.append({"id": rid, "box": clipped, "raw": phrase, "tokens": toks})
-
-            # ---- sentences
-            sentences = []
-            for s in it.get("sentences") or ():
-                if not isinstance(s, str):
-                    dropped["sentences"]["bad_sentence"] += 1
-                    continue
-                toks = clean_caption(s)
-                if not toks:
-                    dropped["sentences"]["empty_caption"] += 1
-                    continue
-                sentences.append({"raw": s, "tokens": toks})
-
-            if it["source"] == "vg" and not regions:
-                dropped["images"]["no_valid_regions"] += 1
-                continue
-            if it["source"] == "karpathy" and not sentences:
-                dropped["images"]["no_valid_captions"] += 1
-                continue
-
-            groups = []
-            for members, box in group_boxes([r["box"] for r in regions], thr):
-                groups.append({"box": regions[members[0]]["box"] if len(members) == 1 else [round(v, 2) for v in box],
-                               "region_ids": [regions[i]["id"] for i in members],
-                               "refs": [regions[i]["raw"] for i in members],
-                               "tokens": [regions[i]["tokens"] for i in members]})
-
-            meta = {"image_id": it["image_id"], "source": it["source"], "split": split,
-                    "width": img.width, "height": img.height, "coco_id": it.get("coco_id"),
-                    "regions": regions, "groups": groups, "sentences": sentences}
-            if it.get("proposals") is not None:
-                props = []
-                for p in it["proposals"]:
-                    if not (isinstance(p, list) and len(p) == 4 and all(_number(v) for v in p)):
-                        info["proposals_dropped"] += 1
-                        continue
-                    c = clip_box(p, W, H)
-                    if is_degenerate(c):
-                        info["proposals_dropped"] += 1
-                        continue
-                    props.append([round(c[0] * sx, 2), round(c[1] * sy, 2), round(c[2] * sx, 2), round(c[3] * sy, 2)])
-                meta["proposals"] = props
-
+            jpg, meta = sample
+            split = meta["split"]
             if split not in writers:
                 writers[split] = ShardWriter(out, split, params["shard_bytes"], first_number=chunk * STRIDE,
                                              max_shards=STRIDE)
-            writers[split].write(str(it["image_id"]), img.data, meta)
-            c = counts[split]
-            c["images"] += 1
-            c["regions"] += len(regions)
-            c["groups"] += len(groups)
-            c["sentences"] += len(sentences)
-            if it.get("coco_id") is not None:
-                coco_ids[split].append(it["coco_id"])
-            if split == "train":
-                tokens.update(chain.from_iterable(cap["tokens"] for cap in regions))
-                tokens.update(chain.from_iterable(cap["tokens"] for cap in sentences))
-                train_captions += len(regions) + len(sentences)
-        shards = []
-        for split in sorted(writers):
-            shards += writers[split].close()
+            writers[split].write(str(it["image_id"]), jpg, meta)
+            counts.written(meta)
+        shards = [s for split in sorted(writers) for s in writers[split].close()]
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
-
-    record = {"chunk": chunk, "fingerprint": fp, "shards": shards,
-              "counts": {s: dict(c) for s, c in counts.items()},
-              "inputs": dict(inputs), "dropped": {k: dict(v) for k, v in dropped.items()},
-              "info": dict(info), "tokens": dict(tokens), "train_captions": train_captions,
-              "coco_ids": dict(coco_ids), "bytes_in": bytes_in,
-              "worker_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    record = counts.record(chunk, fp, shards)
     write_json_atomic(fs, record_path(base, chunk), record)
     return record
+
+
+def build_sample(it: dict, params: dict, counts: ChunkCounts) -> tuple[bytes, dict] | None:
+    """The stored JPEG and the json of one item; None when the item is dropped (counted)."""
+    img = _stored_image(it, params, counts)
+    if img is None:
+        return None
+    regions = _clean_regions(it.get("regions") or (), img, counts)
+    sentences = _clean_sentences(it.get("sentences") or (), counts.tally)
+    if it["source"] == "vg" and not regions:
+        counts.tally.drop("no_valid_regions", images=1)
+        return None
+    if it["source"] == "karpathy" and not sentences:
+        counts.tally.drop("no_valid_captions", images=1)
+        return None
+    meta = {"image_id": it["image_id"], "source": it["source"], "split": it["split"],
+            "width": img.width, "height": img.height, "coco_id": it.get("coco_id"),
+            "regions": regions, "groups": region_groups(regions, params["iou_threshold"]), "sentences": sentences}
+    if it.get("proposals") is not None:
+        meta["proposals"] = _clean_proposals(it["proposals"], img, counts.info)
+    return img.data, meta
+
+
+def _stored_image(it: dict, params: dict, counts: ChunkCounts) -> StoredImage | None:
+    """The item's image as it will be stored; None when it is missing, unreadable or corrupt."""
+    try:
+        raw = _read_first(it.get("paths") or ())
+    except FileNotFoundError:
+        counts.drop_item(it, "missing_file")
+        return None
+    except OSError:
+        counts.drop_item(it, "unreadable_file")
+        return None
+    counts.bytes_in += len(raw)
+    try:
+        img = prepare_image(raw, params.get("max_side"), params.get("verify", "decode"))
+    except BadImage:
+        counts.drop_item(it, "corrupt_image")
+        return None
+    if img.action != "copied":
+        counts.info[f"images_{img.action}"] += 1
+    ms = it.get("meta_size")
+    if ms and (ms[0], ms[1]) != (img.orig_width, img.orig_height):
+        counts.info["size_differs_from_metadata"] += 1
+    return img
+
+
+def _clean_regions(raw_regions: Sequence, img: StoredImage, counts: ChunkCounts) -> list[dict]:
+    """VG region dicts -> ``{id, box, raw, tokens}`` with the box clipped to the image and
+    scaled to the stored JPEG; malformed, empty-caption and degenerate regions dropped."""
+    W, H = img.orig_width, img.orig_height
+    sx, sy = img.scale
+    regions = []
+    for r in raw_regions:
+        try:
+            phrase, rid = r["phrase"], r["region_id"]
+            x, y, bw, bh = r["x"], r["y"], r["width"], r["height"]
+        except (TypeError, KeyError):
+            counts.tally.drop("bad_region", regions=1)
+            continue
+        if type(phrase) is not str or type(rid) is not int or not (
+                _number(x) and _number(y) and _number(bw) and _number(bh)):
+            counts.tally.drop("bad_region", regions=1)
+            continue
+        toks = clean_caption(phrase)
+        if not toks:
+            counts.tally.drop("empty_caption", regions=1)
+            continue
+        x2, y2 = x + bw, y + bh
+        cx1, cy1 = (0 if x < 0 else W if x > W else x), (0 if y < 0 else H if y > H else y)
+        cx2, cy2 = (0 if x2 < 0 else W if x2 > W else x2), (0 if y2 < 0 else H if y2 > H else y2)
+        if not (cx2 > cx1 and cy2 > cy1):
+            counts.tally.drop("degenerate_box", regions=1)
+            continue
+        clipped = [cx1, cy1, cx2, cy2]
+        if cx1 != x or cy1 != y or cx2 != x2 or cy2 != y2:
+            counts.info["boxes_clipped"] += 1
+        if (sx, sy) != (1.0, 1.0):
+            clipped = [round(clipped[0] * sx, 2), round(clipped[1] * sy, 2),
+                       round(clipped[2] * sx, 2), round(clipped[3] * sy, 2)]
+        regions.append({"id": rid, "box": clipped, "raw": phrase, "tokens": toks})
+    return regions
+
+
+def _clean_sentences(raw_sentences: Sequence, tally: Tally) -> list[dict]:
+    """Raw sentences -> ``{raw, tokens}``; non-strings and empty captions dropped."""
+    sentences = []
+    for s in raw_sentences:
+        if not isinstance(s, str):
+            tally.drop("bad_sentence", sentences=1)
+            continue
+        toks = clean_caption(s)
+        if not toks:
+            tally.drop("empty_caption", sentences=1)
+            continue
+        sentences.append({"raw": s, "tokens": toks})
+    return sentences
+
+
+def _clean_proposals(proposals: Sequence, img: StoredImage, info: Counter) -> list[list[float]]:
+    """Detection boxes clipped to the image and scaled to the stored JPEG; malformed and
+    degenerate ones dropped (counted in ``info``)."""
+    sx, sy = img.scale
+    kept = []
+    for p in proposals:
+        if not (isinstance(p, list) and len(p) == 4 and all(_number(v) for v in p)):
+            info["proposals_dropped"] += 1
+            continue
+        c = clip_box(p, img.orig_width, img.orig_height)
+        if is_degenerate(c):
+            info["proposals_dropped"] += 1
+            continue
+        kept.append([round(c[0] * sx, 2), round(c[1] * sy, 2), round(c[2] * sx, 2), round(c[3] * sy, 2)])
+    return kept

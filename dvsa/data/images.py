@@ -109,7 +109,7 @@ def prepare_image(data: bytes, max_side: int | None = None, verify: str = "decod
         if fast is not None:
             return fast
     try:
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
         W, H = im.size
         if W <= 0 or H <= 0:
             raise BadImage(f"bad size {W}x{H}")
@@ -119,7 +119,7 @@ def prepare_image(data: bytes, max_side: int | None = None, verify: str = "decod
             w, h = max(1, round(W * s)), max(1, round(H * s))
             if fmt == "JPEG":
                 im.draft("RGB", (w, h))
-            im = im.convert("RGB").resize((w, h), Image.BILINEAR)
+            im = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
             return StoredImage(_encode(im), w, h, W, H, "downscaled")
         if fmt != "JPEG" or mode not in ("RGB", "L"):
             im = im.convert("RGB")

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from dvsa.data.jsonstream import iter_items
 from dvsa.errors import DataError
-from dvsa.jsonfile import load_json
+from dvsa.files import load_json
 
 SPLIT_MAP = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 

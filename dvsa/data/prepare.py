@@ -11,73 +11,100 @@ inputs = written + dropped for images, regions and sentences.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
-import shutil
-import tempfile
 import time
-from collections import Counter
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import fsspec
 
+from dvsa import runtime
 from dvsa.data import karpathy as kp
 from dvsa.data import vg
-from dvsa.data.chunks import RECORDS, fingerprint, process_chunk, read_record
-from dvsa.data.shards import MANIFEST, SHARD_RE, SPLITS, VOCAB, write_json_atomic
+from dvsa.data.chunks import RECORDS, ChunkCounts, fingerprint, process_chunk, read_record, record_path
+from dvsa.data.groups import IOU_GROUP
+from dvsa.data.manifest import DEFAULT_SHARD_BYTES, KINDS, Manifest, ShardRecord, SplitCounts, Tally, shards_from_dicts
+from dvsa.data.shards import SHARD_RE, SPLITS
 from dvsa.data.splits import default_split_sizes, deterministic_split, load_split_file
 from dvsa.errors import DataError
 from dvsa.text import Vocab
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dvsa-shards/1"
-DEFAULT_SHARD_BYTES = 128 * 2**20
 DEFAULT_CHUNK_IMAGES = 1000
 
 
-# --------------------------------------------------------------------------- ray
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How ``dvsa prepare`` writes the shards and runs (the flags every source shares)."""
+
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    max_side: int | None = None              # downscale once so the longer side is <= max_side
+    chunk_images: int = DEFAULT_CHUNK_IMAGES  # images per Ray task
+    verify: str = "decode"                   # "decode" each JPEG, or check its "markers" only
+    address: str | None = None               # Ray to join (default RAY_ADDRESS, else a local Ray)
+    num_cpus: int | None = None              # CPUs of a local Ray
+    use_ray: bool = True                     # False: chunks run in this process
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shard_bytes <= 0:
+            raise DataError(f"--shard-bytes must be > 0, got {self.shard_bytes}")
+        if self.chunk_images <= 0:
+            raise DataError(f"--chunk-images must be > 0, got {self.chunk_images}")
+        if self.max_side is not None and self.max_side < 8:
+            raise DataError(f"--max-side must be >= 8 pixels, got {self.max_side}")
+        if self.verify not in ("decode", "markers"):
+            raise DataError(f"--verify: {self.verify!r} is not one of 'decode', 'markers'")
 
 
-@contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """Reuse an initialised Ray; else join ``address`` / RAY_ADDRESS; else start a local Ray
-    with its own short temp dir, shut down (and removed) on exit."""
-    import ray
+@dataclass(frozen=True)
+class VGSource:
+    """Visual Genome v1.2 under ``root`` (image_data.json, region_descriptions.json, VG_100K*/).
 
-    if ray.is_initialized():
-        yield ray
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    tmp = None
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-    else:
-        tmp = tempfile.mkdtemp(prefix="dvsa-ray-", dir="/tmp")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-                 configure_logging=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    ``split_file``: densecap-style ``{"train": [ids], ...}``; without one, a deterministic split
+    with ``val_images`` / ``test_images`` (default min(5000, N/10) each). ``karpathy_shards``:
+    prepared Karpathy-split shards; VG val/test images whose ``coco_id`` is among their train
+    images are reported (manifest ``leakage``): a full-frame model trained there would be
+    evaluated on images it trained on. ``min_count``: the vocabulary's count threshold.
+    """
+
+    root: str
+    split_file: str | None = None
+    val_images: int | None = None
+    test_images: int | None = None
+    karpathy_shards: str | None = None
+    min_count: int = 15
+
+
+@dataclass(frozen=True)
+class KarpathySource:
+    """A Karpathy split file (dataset_coco.json...) and the directory its image paths are
+    relative to. ``proposals``: ``{"<image id>": [[x1, y1, x2, y2], ...]}`` detection boxes.
+    ``vg_shards``: prepared VG shards; Karpathy train images whose ``cocoid`` is among their
+    val/test ``coco_ids`` are reported (manifest ``leakage``), so a full-frame model is never
+    evaluated on VG images it trained on. ``min_count``: the vocabulary's count threshold."""
+
+    json_path: str
+    images_root: str
+    proposals: str | None = None
+    vg_shards: str | None = None
+    min_count: int = 5
+
+
+# --------------------------------------------------------------------------- chunks
 
 
 class _Runner:
-    """Runs chunks in Ray tasks (``use_ray``) or in this process, at most ``max_in_flight``."""
+    """Runs chunks in Ray tasks (when given ``ray``) or in this process, at most
+    ``max_in_flight`` at once; ``on_done(chunk, record, images)`` as each finishes."""
 
-    def __init__(self, out: str, params: dict, use_ray: bool, ray_mod=None, on_done: Callable | None = None):
-        self.out, self.params, self.use_ray = out, params, use_ray
-        self.records: dict[int, dict] = {}
+    def __init__(self, out: str, params: dict, ray, on_done: Callable[[int, dict, int], None]):
+        self.out, self.params, self.ray, self.on_done = out, params, ray, on_done
         self.skipped = 0
-        self.on_done = on_done or (lambda rec, n: None)
-        if use_ray:
-            self.ray = ray_mod
-            self.remote = ray_mod.remote(num_cpus=1, max_retries=2)(process_chunk)
-            cpus = int(ray_mod.available_resources().get("CPU", 1)) or 1
+        if ray is not None:
+            self.remote = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
+            cpus = int(ray.available_resources().get("CPU", 1)) or 1
             self.max_in_flight = max(2, 2 * cpus)
             self.pending: dict = {}
 
@@ -85,14 +112,11 @@ class _Runner:
         fp = fingerprint(self.params, items)
         rec = read_record(self.out, chunk)
         if rec is not None and rec.get("fingerprint") == fp:
-            self.records[chunk] = rec
             self.skipped += 1
-            self.on_done(rec, len(items))
+            self.on_done(chunk, rec, len(items))
             return
-        if not self.use_ray:
-            rec = process_chunk(chunk, items, self.out, self.params, fp)
-            self.records[chunk] = rec
-            self.on_done(rec, len(items))
+        if self.ray is None:
+            self.on_done(chunk, process_chunk(chunk, items, self.out, self.params, fp), len(items))
             return
         while len(self.pending) >= self.max_in_flight:
             self._wait_one()
@@ -103,15 +127,11 @@ class _Runner:
         done, _ = self.ray.wait(list(self.pending), num_returns=1)
         for ref in done:
             chunk, n = self.pending.pop(ref)
-            rec = self.ray.get(ref)
-            self.records[chunk] = rec
-            self.on_done(rec, n)
+            self.on_done(chunk, self.ray.get(ref), n)
 
-    def finish(self) -> dict[int, dict]:
-        if self.use_ray:
-            while self.pending:
-                self._wait_one()
-        return self.records
+    def finish(self) -> None:
+        while self.ray is not None and self.pending:
+            self._wait_one()
 
 
 def _chunked(items: Iterable[dict], size: int) -> Iterator[tuple[int, list[dict]]]:
@@ -129,6 +149,119 @@ def _chunked(items: Iterable[dict], size: int) -> Iterator[tuple[int, list[dict]
         if bufs[split]:
             yield k, bufs[split]
             k += 1
+
+
+class _Progress:
+    """A progress bar on a terminal; without one (``ray job submit``'s log, CI) a log line
+    every 30 s instead."""
+
+    def __init__(self, source: str, total: int | None, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.source, self.total, self.enabled = source, total, enabled
+        self.bar = tqdm(total=total, unit="img", desc=f"prepare {source}", disable=not enabled or None)
+        self.chunks = self.images = 0
+        self.t0 = self.logged = time.monotonic()
+
+    def update(self, images: int) -> None:
+        self.bar.update(images)
+        self.chunks += 1
+        self.images += images
+        if self.enabled and self.bar.disable and time.monotonic() - self.logged >= 30:
+            self.logged = time.monotonic()
+            of = f" of {self.total:,}" if self.total else ""
+            log.info("prepare %s: %d chunks, %s images%s (%.0f s)", self.source, self.chunks,
+                     f"{self.images:,}", of, self.logged - self.t0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class _Chunks:
+    """The finished chunks' records, merged as they arrive (a record's tokens are not kept)."""
+
+    counts: ChunkCounts = field(default_factory=ChunkCounts)
+    shards: dict[int, list[ShardRecord]] = field(default_factory=dict)
+    worker_max_rss_mb: float = 0.0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def add(self, chunk: int, rec: dict, where: str) -> None:
+        self.counts.add_record(rec, where)
+        self.shards[chunk] = shards_from_dicts(rec["shards"], where)
+        self.worker_max_rss_mb = max(self.worker_max_rss_mb, rec.get("worker_max_rss_mb", 0.0))
+
+    def vocab(self, min_count: int) -> Vocab:
+        """From the train split's tokens."""
+        return Vocab.build(self.counts.tokens, min_count, self.counts.train_captions)
+
+    def manifest(self, source: str, params: dict, driver: Tally, input_files: dict, use_ray: bool) -> Manifest:
+        """The manifest of the chunks plus what the driver counted (``driver``)."""
+        tally = Tally()
+        tally.add(driver)
+        tally.add(self.counts.tally)
+        splits = {s: SplitCounts() for s in SPLITS}
+        for s, c in self.counts.splits.items():
+            splits.setdefault(s, SplitCounts()).merge(c)
+        return Manifest(
+            source=source, params=params, tally=tally, splits=splits,
+            shards=[s for chunk_shards in self.shards.values() for s in chunk_shards],
+            info=dict(sorted(self.counts.info.items())),
+            coco_ids={s: sorted(v) for s, v in self.counts.coco_ids.items()},
+            input_details={"files": input_files, "image_bytes_read": self.counts.bytes_in},
+            sections={"worker_max_rss_mb": round(self.worker_max_rss_mb, 1),
+                      "run": {"seconds": round(self.seconds, 3), "chunks": len(self.shards),
+                              "chunks_skipped": self.skipped, "ray": use_ray}})
+
+
+def _write_chunks(source: str, out: str, params: dict, items: Iterable[dict], options: PrepareOptions,
+                  total_images: int | None) -> _Chunks:
+    """Every item into the shards of its chunk (Ray tasks, or this process), then the
+    leftovers of a previous run removed."""
+    t0 = time.perf_counter()
+    fs, base = fsspec.core.url_to_fs(str(out))
+    fs.makedirs(posixpath.join(base, RECORDS), exist_ok=True)
+    progress = _Progress(source, total_images, options.progress)
+    chunks = _Chunks()
+
+    def on_done(chunk: int, rec: dict, images: int) -> None:
+        chunks.add(chunk, rec, record_path(base, chunk))
+        progress.update(images)
+
+    def run(ray) -> None:
+        runner = _Runner(str(out), params, ray, on_done)
+        for chunk, batch in _chunked(items, params["chunk_images"]):
+            runner.submit(chunk, batch)
+        runner.finish()
+        chunks.skipped = runner.skipped
+
+    if options.use_ray:
+        import ray
+
+        with runtime.ray_session(None, options.address, options.num_cpus, include_dashboard=False,
+                                 log_to_driver=False):
+            run(ray)
+    else:
+        run(None)
+    progress.close()
+    _remove_leftovers(fs, base, chunks.shards)
+    chunks.seconds = time.perf_counter() - t0
+    return chunks
+
+
+def _remove_leftovers(fs, base: str, shards: dict[int, list[ShardRecord]]) -> None:
+    """Shards and records of chunks this run did not produce (a previous run with other
+    inputs), and temporary files a killed run left."""
+    listed = {s.name for chunk_shards in shards.values() for s in chunk_shards}
+    for p in fs.ls(base, detail=False):
+        name = posixpath.basename(p)
+        if (SHARD_RE.match(name) and name not in listed) or (name.startswith(".") and ".tmp-" in name):
+            fs.rm(p)
+    for p in fs.ls(posixpath.join(base, RECORDS), detail=False):
+        name = posixpath.basename(p)
+        if ".tmp-" in name or (name.startswith("chunk-") and int(name[6:12]) not in shards):
+            fs.rm(p)
 
 
 class _RegionIds:
@@ -158,7 +291,7 @@ class _RegionIds:
 # --------------------------------------------------------------------------- common
 
 
-def _input_files(paths: Iterable[str]) -> dict:
+def _input_files(paths: Iterable[str | None]) -> dict:
     out = {}
     for p in paths:
         if p is None:
@@ -171,259 +304,107 @@ def _input_files(paths: Iterable[str]) -> dict:
     return out
 
 
-def _run(source: str, out: str, params: dict, items: Iterable[dict], driver_dropped: dict,
-         driver_inputs: Counter, input_files: dict, address, num_cpus, use_ray: bool, progress: bool,
-         total_images: int | None, extra: Callable[[dict], None] | None = None) -> dict:
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    fs, base = fsspec.core.url_to_fs(str(out))
-    fs.makedirs(posixpath.join(base, RECORDS), exist_ok=True)
-    bar = tqdm(total=total_images, unit="img", desc=f"prepare {source}", disable=not progress or None)
-    # the big parts of chunk records are folded in as they arrive (not kept per chunk)
-    totals = {"tokens": Counter(), "coco_ids": {}}
-    done = {"chunks": 0, "images": 0, "logged": time.monotonic()}
-
-    def on_done(rec, n):
-        totals["tokens"].update(rec.pop("tokens", {}))
-        for s, ids in rec.pop("coco_ids", {}).items():
-            totals["coco_ids"].setdefault(s, []).extend(ids)
-        bar.update(n)
-        done["chunks"] += 1
-        done["images"] += n
-        if progress and bar.disable and time.monotonic() - done["logged"] >= 30:
-            # no terminal (ray job submit's log, CI): a line every 30 s instead of a bar
-            done["logged"] = time.monotonic()
-            of = f" of {total_images:,}" if total_images else ""
-            log.info("prepare %s: %d chunks, %s images%s (%.0f s)", source, done["chunks"],
-                     f"{done['images']:,}", of, time.perf_counter() - t0)
-
-    def go(ray_mod):
-        runner = _Runner(str(out), params, use_ray, ray_mod, on_done)
-        for chunk, batch in _chunked(items, params["chunk_images"]):
-            runner.submit(chunk, batch)
-        return runner.finish(), runner.skipped
-
-    if use_ray:
-        with ray_session(address, num_cpus) as ray_mod:
-            records, skipped = go(ray_mod)
-    else:
-        records, skipped = go(None)
-    bar.close()
-    manifest = _finalize(source, out, fs, base, params, records, totals, driver_dropped, driver_inputs,
-                         input_files)
-    manifest["run"] = {"seconds": round(time.perf_counter() - t0, 3), "chunks": len(records),
-                       "chunks_skipped": skipped, "ray": use_ray}
-    if extra:
-        extra(manifest)
-    write_json_atomic(fs, posixpath.join(base, MANIFEST), manifest)
-    return manifest
-
-
-def _finalize(source, out, fs, base, params, records, totals, driver_dropped, driver_inputs, input_files) -> dict:
-    chunks = sorted(records)
-    # drop leftovers of a previous run with other inputs: shards and records of unknown chunks
-    listed = {s["name"] for c in chunks for s in records[c]["shards"]}
-    for p in fs.ls(base, detail=False):
-        name = posixpath.basename(p)
-        if (SHARD_RE.match(name) and name not in listed) or (name.startswith(".") and ".tmp-" in name):
-            fs.rm(p)
-    for p in fs.ls(posixpath.join(base, RECORDS), detail=False):
-        name = posixpath.basename(p)
-        if ".tmp-" in name or (name.startswith("chunk-") and int(name[6:12]) not in records):
-            fs.rm(p)
-
-    splits = {s: Counter() for s in SPLITS}
-    dropped = {k: Counter(v) for k, v in driver_dropped.items()}
-    inputs = Counter(driver_inputs)
-    info = Counter()
-    tokens, coco_ids = totals["tokens"], totals["coco_ids"]
-    train_captions, bytes_in, max_rss = 0, 0, 0.0
-    shards = []
-    for c in chunks:
-        rec = records[c]
-        for s, cnt in rec["counts"].items():
-            splits.setdefault(s, Counter()).update(cnt)
-        for k, v in rec["dropped"].items():
-            dropped.setdefault(k, Counter()).update(v)
-        inputs.update(rec["inputs"])
-        info.update(rec["info"])
-        train_captions += rec["train_captions"]
-        bytes_in += rec["bytes_in"]
-        max_rss = max(max_rss, rec.get("worker_max_rss_mb", 0.0))
-        shards += rec["shards"]
-    for s, cnt in splits.items():
-        cnt["shards"] = sum(1 for sh in shards if sh["split"] == s)
-        for k in ("images", "regions", "groups", "sentences"):
-            cnt.setdefault(k, 0)
-
-    vocab = Vocab.build(tokens, params["min_count"], train_captions)
-    vocab.save(fs.unstrip_protocol(posixpath.join(base, VOCAB)) if "file" not in _protocols(fs)
-               else posixpath.join(base, VOCAB))
-
-    written = {k: sum(splits[s][k] for s in splits) for k in ("images", "regions", "sentences")}
-    manifest = {
-        "format": FORMAT,
-        "source": source,
-        "params": params,
-        "inputs": {"files": input_files, "images": inputs["images"], "regions": inputs["regions"],
-                   "sentences": inputs["sentences"], "image_bytes_read": bytes_in},
-        "written": written,
-        "splits": {s: dict(c) for s, c in splits.items()},
-        "shards": sorted(shards, key=lambda s: s["name"]),
-        "dropped": {k: {r: n for r, n in sorted(v.items()) if n} for k, v in dropped.items()},
-        "info": dict(sorted(info.items())),
-        "vocab": {"size": len(vocab), "min_count": params["min_count"], "train_captions": train_captions},
-        "coco_ids": {s: sorted(v) for s, v in coco_ids.items()},
-        "worker_max_rss_mb": round(max_rss, 1),
-    }
-    check_balance(manifest)
-    return manifest
-
-
-def _protocols(fs) -> tuple:
-    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-
-
-def check_balance(manifest: dict) -> None:
-    """Raise DataError unless inputs = written + dropped for images, regions and sentences,
-    and the shards' sample counts add up to the images written."""
-    for kind in ("images", "regions", "sentences"):
-        n_in = manifest["inputs"][kind]
-        n_out = manifest["written"][kind] + sum(manifest["dropped"].get(kind, {}).values())
-        if n_in != n_out:
-            raise DataError(f"manifest does not balance for {kind}: {n_in} in, "
-                            f"{manifest['written'][kind]} written + {n_out - manifest['written'][kind]} dropped")
-    in_shards = sum(s["samples"] for s in manifest["shards"])
-    if in_shards != manifest["written"]["images"]:
-        raise DataError(f"manifest: shards hold {in_shards} samples but {manifest['written']['images']} images were written")
-
-
-def _params(source: str, **kw) -> dict:
-    p = {"source": source, "iou_threshold": 0.7, **kw}
-    if p["shard_bytes"] <= 0:
-        raise DataError(f"--shard-bytes must be > 0, got {p['shard_bytes']}")
-    if p["chunk_images"] <= 0:
-        raise DataError(f"--chunk-images must be > 0, got {p['chunk_images']}")
-    if p.get("max_side") is not None and p["max_side"] < 8:
-        raise DataError(f"--max-side must be >= 8 pixels, got {p['max_side']}")
-    if p["verify"] not in ("decode", "markers"):
-        raise DataError(f"--verify: {p['verify']!r} is not one of 'decode', 'markers'")
-    if p["min_count"] < 1:
-        raise DataError(f"--min-count must be >= 1, got {p['min_count']}")
-    return p
+def _params(source: str, options: PrepareOptions, min_count: int, **inputs) -> dict:
+    """What the shards depend on (recorded in the manifest; a change redoes every chunk)."""
+    if min_count < 1:
+        raise DataError(f"--min-count must be >= 1, got {min_count}")
+    return {"source": source, "iou_threshold": IOU_GROUP, "shard_bytes": int(options.shard_bytes),
+            "max_side": options.max_side, "min_count": int(min_count), "verify": options.verify,
+            "chunk_images": int(options.chunk_images), **inputs}
 
 
 def _other_coco_ids(shards: str, source: str, splits: tuple[str, ...]) -> set:
     """coco ids of ``splits`` in the manifest of prepared ``source`` shards (the leakage guard)."""
-    from dvsa.data.shards import load_manifest
-
-    m = load_manifest(shards)
-    if m.get("source") != source:
-        raise DataError(f"{shards}: holds {m.get('source')!r} shards, not {source!r} (the leakage guard "
+    m = Manifest.read(shards)
+    if m.source != source:
+        raise DataError(f"{shards}: holds {m.source!r} shards, not {source!r} (the leakage guard "
                         f"compares against prepared {source} shards)")
-    return {i for s in splits for i in m.get("coco_ids", {}).get(s, [])}
+    return {i for s in splits for i in m.coco_ids.get(s, [])}
 
 
 # --------------------------------------------------------------------------- VG
 
 
-def prepare_vg(root: str, out: str, split_file: str | None = None, val_images: int | None = None,
-               test_images: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-               max_side: int | None = None, min_count: int = 15,
-               chunk_images: int = DEFAULT_CHUNK_IMAGES, address: str | None = None,
-               num_cpus: int | None = None, use_ray: bool = True, progress: bool = True,
-               verify: str = "decode", karpathy_shards: str | None = None) -> dict:
-    """Visual Genome v1.2 under ``root`` -> shards under ``out`` (a path or fsspec URL).
-    Returns the manifest (also written to ``out/manifest.json``).
-
-    ``karpathy_shards``: prepared Karpathy-split shards; VG val/test images whose ``coco_id``
-    is among their train images are reported (manifest ``leakage``): a full-frame model
-    trained there would be evaluated on images it trained on.
-    """
-    root = str(root).rstrip("/")
-    kp_train = _other_coco_ids(karpathy_shards, "karpathy", ("train",)) if karpathy_shards else None
-    params = _params("vg", shard_bytes=int(shard_bytes), max_side=max_side, min_count=int(min_count), verify=verify,
-                     chunk_images=int(chunk_images), split_file=str(split_file) if split_file else None)
+def prepare_vg(source: VGSource, out: str, options: PrepareOptions = PrepareOptions()) -> Manifest:
+    """Visual Genome (``source``) -> shards under ``out`` (a path or fsspec URL). Returns the
+    manifest (also written to ``out/manifest.json``, beside ``vocab.json``)."""
+    root = str(source.root).rstrip("/")
+    kp_train = _other_coco_ids(source.karpathy_shards, "karpathy", ("train",)) if source.karpathy_shards else None
+    params = _params("vg", options, source.min_count,
+                     split_file=str(source.split_file) if source.split_file else None)
     image_data = vg.read_image_data(root)
-    info_extra = {}
-    if split_file:
-        split_of = load_split_file(split_file)
+    info = {}
+    if source.split_file:
+        split_of = load_split_file(source.split_file)
         unknown = [i for i in split_of if i not in image_data]
-        info_extra["split_file_unknown_ids"] = len(unknown)
+        info["split_file_unknown_ids"] = len(unknown)
         if unknown:
             log.warning("%s names %d image ids not in image_data.json (e.g. %s): ignored",
-                        split_file, len(unknown), unknown[:5])
+                        source.split_file, len(unknown), unknown[:5])
     else:
-        n_val, n_test = default_split_sizes(len(image_data), val_images, test_images)
+        n_val, n_test = default_split_sizes(len(image_data), source.val_images, source.test_images)
         params["val_images"], params["test_images"] = n_val, n_test
         split_of = deterministic_split(image_data, n_val, n_test)
-
-    dropped = {"images": Counter(), "regions": Counter(), "sentences": Counter()}
-    inputs = Counter()
-    seen_images: set[int] = set()
-    region_ids = _RegionIds()
-
-    def items() -> Iterator[dict]:
-        for iid, regions, k in vg.iter_region_entries(root):
-            if iid is None:
-                inputs["images"] += 1
-                inputs["regions"] += len(regions)
-                dropped["images"]["bad_element"] += 1
-                dropped["regions"]["bad_element"] += len(regions)
-                continue
-            reason = None
-            if iid in seen_images:
-                reason = "duplicate_image"
-            elif iid not in image_data:
-                reason = "not_in_image_data"
-            elif iid not in split_of:
-                reason = "not_in_split"
-            if reason:
-                inputs["images"] += 1
-                inputs["regions"] += len(regions)
-                dropped["images"][reason] += 1
-                dropped["regions"][reason] += len(regions)
-                seen_images.add(iid)
-                continue
-            seen_images.add(iid)
-            kept = []
-            for r in regions:
-                rid = r.get("region_id") if isinstance(r, dict) else None
-                if rid is not None and not region_ids.add(rid):
-                    inputs["regions"] += 1
-                    dropped["regions"]["duplicate_region_id"] += 1
-                else:
-                    kept.append(r)
-            meta = image_data[iid]
-            size = [meta["width"], meta["height"]] if _is_size(meta["width"], meta["height"]) else None
-            yield {"image_id": iid, "split": split_of[iid], "source": "vg",
-                   "paths": vg.image_candidates(root, iid, meta["relpath"]),
-                   "coco_id": meta["coco_id"], "meta_size": size, "regions": kept}
-
     files = _input_files([posixpath.join(root, "image_data.json"), posixpath.join(root, "region_descriptions.json"),
-                          split_file])
+                          source.split_file])
 
-    def extra(manifest: dict) -> None:
-        # images of image_data.json that region_descriptions.json never mentions
-        missing = [i for i in image_data if i not in seen_images]
-        manifest["inputs"]["images"] += len(missing)
-        if missing:
-            d = manifest["dropped"].setdefault("images", {})
-            d["no_region_entry"] = d.get("no_region_entry", 0) + len(missing)
-        manifest["info"].update(info_extra)
-        if kp_train is not None:
-            leaked = sorted({i for s in ("val", "test") for i in manifest["coco_ids"].get(s, []) if i in kp_train})
-            manifest["leakage"] = {"karpathy_shards": str(karpathy_shards), "images": len(leaked),
-                                   "what": "VG val/test images in the Karpathy train split", "examples": leaked[:20]}
-            if leaked:
-                log.warning("leakage: %d VG val/test images are Karpathy train images (coco ids e.g. %s)",
-                            len(leaked), leaked[:5])
-        check_balance(manifest)
-
-    manifest = _run("vg", out, params, items(), dropped, inputs, files, address, num_cpus, use_ray, progress,
-                    total_images=len(image_data), extra=extra)
+    driver, seen = Tally(), set[int]()
+    chunks = _write_chunks("vg", out, params, _vg_items(root, image_data, split_of, driver, seen), options,
+                           total_images=len(image_data))
+    # images of image_data.json that region_descriptions.json never mentions
+    missing = sum(1 for i in image_data if i not in seen)
+    driver.count_in(images=missing)
+    driver.drop("no_region_entry", images=missing)
+    manifest = chunks.manifest("vg", params, driver, files, options.use_ray)
+    manifest.info.update(info)
+    if kp_train is not None:
+        leaked = sorted({i for s in ("val", "test") for i in manifest.coco_ids.get(s, []) if i in kp_train})
+        manifest.sections["leakage"] = {"karpathy_shards": str(source.karpathy_shards), "images": len(leaked),
+                                        "what": "VG val/test images in the Karpathy train split",
+                                        "examples": leaked[:20]}
+        if leaked:
+            log.warning("leakage: %d VG val/test images are Karpathy train images (coco ids e.g. %s)",
+                        len(leaked), leaked[:5])
+    manifest.write(out, chunks.vocab(params["min_count"]))
     return manifest
+
+
+def _vg_items(root: str, image_data: dict, split_of: dict, driver: Tally, seen: set) -> Iterator[dict]:
+    """The chunk items of region_descriptions.json; what can be judged without pixels (a bad
+    element, a duplicate or unknown image, one outside the split, a duplicate region id) is
+    dropped here and counted in ``driver``; ``seen`` collects every image id met."""
+    region_ids = _RegionIds()
+    for iid, regions, _ in vg.iter_region_entries(root):
+        if iid is None:
+            driver.reject("bad_element", images=1, regions=len(regions))
+            continue
+        reason = _vg_image_problem(iid, seen, image_data, split_of)
+        seen.add(iid)
+        if reason:
+            driver.reject(reason, images=1, regions=len(regions))
+            continue
+        kept = []
+        for r in regions:
+            rid = r.get("region_id") if isinstance(r, dict) else None
+            if rid is not None and not region_ids.add(rid):
+                driver.reject("duplicate_region_id", regions=1)
+            else:
+                kept.append(r)
+        meta = image_data[iid]
+        size = [meta["width"], meta["height"]] if _is_size(meta["width"], meta["height"]) else None
+        yield {"image_id": iid, "split": split_of[iid], "source": "vg",
+               "paths": vg.image_candidates(root, iid, meta["relpath"]),
+               "coco_id": meta["coco_id"], "meta_size": size, "regions": kept}
+
+
+def _vg_image_problem(iid: int, seen: set[int], image_data: dict, split_of: dict) -> str | None:
+    if iid in seen:
+        return "duplicate_image"
+    if iid not in image_data:
+        return "not_in_image_data"
+    if iid not in split_of:
+        return "not_in_split"
+    return None
 
 
 def _is_size(w, h) -> bool:
@@ -433,73 +414,63 @@ def _is_size(w, h) -> bool:
 # --------------------------------------------------------------------------- Karpathy
 
 
-def prepare_karpathy(json_path: str, images_root: str, out: str, proposals: str | None = None,
-                     min_count: int = 5, vg_shards: str | None = None,
-                     shard_bytes: int = DEFAULT_SHARD_BYTES, max_side: int | None = None,
-                     chunk_images: int = DEFAULT_CHUNK_IMAGES, address: str | None = None,
-                     num_cpus: int | None = None, use_ray: bool = True, progress: bool = True,
-                     verify: str = "decode") -> dict:
-    """A Karpathy split file + its images -> shards under ``out``; returns the manifest.
+def prepare_karpathy(source: KarpathySource, out: str, options: PrepareOptions = PrepareOptions()) -> Manifest:
+    """A Karpathy split file and its images (``source``) -> shards under ``out``; returns the
+    manifest (also written to ``out/manifest.json``, beside ``vocab.json``)."""
+    params = _params("karpathy", options, source.min_count,
+                     proposals=str(source.proposals) if source.proposals else None)
+    props = kp.load_proposals(source.proposals) if source.proposals else None
+    vg_eval = _other_coco_ids(source.vg_shards, "vg", ("val", "test")) if source.vg_shards else set()
+    files = _input_files([source.json_path, source.proposals])
+    driver, leaked = Tally(), list[int]()
+    items = _karpathy_items(source, props, vg_eval, driver, leaked)
+    chunks = _write_chunks("karpathy", out, params, items, options, total_images=None)
+    manifest = chunks.manifest("karpathy", params, driver, files, options.use_ray)
+    if source.vg_shards:
+        manifest.sections["leakage"] = {"vg_shards": str(source.vg_shards), "images": len(leaked),
+                                        "what": "Karpathy train images in the VG val/test splits",
+                                        "examples": sorted(leaked)[:20]}
+        if leaked:
+            log.warning("leakage: %d Karpathy train images are VG val/test images (coco ids e.g. %s)",
+                        len(leaked), sorted(leaked)[:5])
+    # only the train coco ids matter downstream (the leakage guard of the other direction)
+    manifest.coco_ids = {"train": manifest.coco_ids.get("train", [])}
+    manifest.write(out, chunks.vocab(params["min_count"]))
+    return manifest
 
-    ``vg_shards``: a prepared VG directory; Karpathy train images whose ``cocoid`` is among
-    that manifest's val/test ``coco_ids`` are reported (manifest ``leakage``), so a full-frame
-    model is never evaluated on VG images it trained on.
-    """
-    images_root = str(images_root).rstrip("/")
-    params = _params("karpathy", shard_bytes=int(shard_bytes), max_side=max_side, min_count=int(min_count), verify=verify,
-                     chunk_images=int(chunk_images), proposals=str(proposals) if proposals else None)
-    props = kp.load_proposals(proposals) if proposals else None
-    vg_eval = _other_coco_ids(vg_shards, "vg", ("val", "test")) if vg_shards else set()
-    dropped = {"images": Counter(), "regions": Counter(), "sentences": Counter()}
-    inputs = Counter()
+
+def _karpathy_items(source: KarpathySource, props: dict | None, vg_eval: set, driver: Tally,
+                    leaked: list[int]) -> Iterator[dict]:
+    """The chunk items of the split file; a bad element, a duplicate image or an unknown split
+    is dropped here and counted in ``driver``; train images among ``vg_eval`` (coco ids)
+    are collected in ``leaked``."""
+    images_root = str(source.images_root).rstrip("/")
     seen: set[int] = set()
-    leaked: list[int] = []
-    def items() -> Iterator[dict]:
-        for k, e in kp.iter_karpathy(json_path):
-            sents = e.get("sentences") if isinstance(e, dict) else None
-            raw = [_sentence_raw(s) for s in sents] if isinstance(sents, list) else []
-            iid = kp.image_id_of(e) if isinstance(e, dict) else None
-            split = kp.SPLIT_MAP.get(e.get("split")) if isinstance(e, dict) else None
-            rel = kp.image_relpath(e) if isinstance(e, dict) else None
-            reason = None
-            if iid is None or rel is None or not isinstance(sents, list):
-                reason = "bad_element"
-            elif iid in seen:
-                reason = "duplicate_image"
-            elif split is None:
-                reason = "unknown_split"
-            if reason:
-                inputs["images"] += 1
-                inputs["sentences"] += len(raw)
-                dropped["images"][reason] += 1
-                dropped["sentences"][reason] += len(raw)
-                continue
-            seen.add(iid)
-            cocoid = e.get("cocoid")
-            if split == "train" and cocoid is not None and cocoid in vg_eval:
-                leaked.append(cocoid)
-            item = {"image_id": iid, "split": split, "source": "karpathy",
-                    "paths": [posixpath.join(images_root, rel)], "coco_id": cocoid,
-                    "meta_size": None, "regions": [], "sentences": raw}
-            if props is not None:
-                item["proposals"] = props.get(str(iid), [])
-            yield item
-
-    files = _input_files([json_path, proposals])
-
-    def extra(manifest: dict) -> None:
-        if vg_shards:
-            manifest["leakage"] = {"vg_shards": str(vg_shards), "images": len(leaked),
-                                   "what": "Karpathy train images in the VG val/test splits",
-                                   "examples": sorted(leaked)[:20]}
-            if leaked:
-                log.warning("leakage: %d Karpathy train images are VG val/test images (coco ids e.g. %s)",
-                            len(leaked), sorted(leaked)[:5])
-        # only the train coco ids matter downstream (the leakage guard of the other direction)
-        manifest["coco_ids"] = {"train": manifest["coco_ids"].get("train", [])}
-
-    return _run("karpathy", out, params, items(), dropped, inputs, files, address, num_cpus, use_ray, progress,
-                total_images=None, extra=extra)
+    for _, e in kp.iter_karpathy(source.json_path):
+        sents = e.get("sentences") if isinstance(e, dict) else None
+        raw = [_sentence_raw(s) for s in sents] if isinstance(sents, list) else []
+        iid = kp.image_id_of(e) if isinstance(e, dict) else None
+        split = kp.SPLIT_MAP.get(str(e.get("split"))) if isinstance(e, dict) else None
+        rel = kp.image_relpath(e) if isinstance(e, dict) else None
+        if iid is None or rel is None or not isinstance(sents, list):
+            driver.reject("bad_element", images=1, sentences=len(raw))
+            continue
+        if iid in seen:
+            driver.reject("duplicate_image", images=1, sentences=len(raw))
+            continue
+        if split is None:
+            driver.reject("unknown_split", images=1, sentences=len(raw))
+            continue
+        seen.add(iid)
+        cocoid = e.get("cocoid")
+        if split == "train" and cocoid is not None and cocoid in vg_eval:
+            leaked.append(cocoid)
+        item = {"image_id": iid, "split": split, "source": "karpathy",
+                "paths": [posixpath.join(images_root, rel)], "coco_id": cocoid,
+                "meta_size": None, "regions": [], "sentences": raw}
+        if props is not None:
+            item["proposals"] = props.get(str(iid), [])
+        yield item
 
 
 def _sentence_raw(s):
@@ -515,21 +486,26 @@ def _sentence_raw(s):
 # --------------------------------------------------------------------------- summary
 
 
-def summary(manifest: dict) -> str:
+def summary(manifest: Manifest) -> str:
     """A few lines: per-split counts, drops by reason, vocab, time."""
     lines = [f"{'split':<6} {'images':>9} {'regions':>10} {'groups':>9} {'sentences':>10} {'shards':>7}"]
-    for s, c in manifest["splits"].items():
-        lines.append(f"{s:<6} {c['images']:>9} {c['regions']:>10} {c['groups']:>9} {c['sentences']:>10} {c['shards']:>7}")
-    for kind, reasons in manifest["dropped"].items():
+    for s, c in manifest.splits.items():
+        lines.append(f"{s:<6} {c.images:>9} {c.regions:>10} {c.groups:>9} {c.sentences:>10} "
+                     f"{manifest.split_count(s, 'shards'):>7}")
+    for kind in KINDS:
+        reasons = manifest.dropped(kind)
         if reasons:
             lines.append(f"dropped {kind}: " + ", ".join(f"{r}={n}" for r, n in reasons.items()))
-    if manifest.get("info"):
-        lines.append("notes: " + ", ".join(f"{k}={v}" for k, v in manifest["info"].items()))
-    lines.append(f"vocab: {manifest['vocab']['size']} words (min count {manifest['vocab']['min_count']})")
-    if "leakage" in manifest:
-        lines.append(f"leakage guard: {manifest['leakage']['images']} {manifest['leakage']['what']}")
-    run = manifest.get("run", {})
-    lines.append(f"inputs balance: images {manifest['inputs']['images']}, regions {manifest['inputs']['regions']}, "
-                 f"sentences {manifest['inputs']['sentences']} = written + dropped; "
-                 f"{run.get('chunks', 0)} chunks ({run.get('chunks_skipped', 0)} already done) in {run.get('seconds', 0):.1f}s")
+    if manifest.info:
+        lines.append("notes: " + ", ".join(f"{k}={v}" for k, v in manifest.info.items()))
+    if manifest.vocab is not None:
+        lines.append(f"vocab: {manifest.vocab.size} words (min count {manifest.vocab.min_count})")
+    leakage = manifest.sections.get("leakage")
+    if leakage:
+        lines.append(f"leakage guard: {leakage['images']} {leakage['what']}")
+    run = manifest.sections.get("run", {})
+    inputs = manifest.tally.inputs
+    lines.append(f"inputs balance: images {inputs['images']}, regions {inputs['regions']}, "
+                 f"sentences {inputs['sentences']} = written + dropped; {run.get('chunks', 0)} chunks "
+                 f"({run.get('chunks_skipped', 0)} already done) in {run.get('seconds', 0):.1f}s")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import random
 from typing import Iterable
 
 from dvsa.errors import DataError
-from dvsa.jsonfile import load_json
+from dvsa.files import load_json
 
 SPLITS = ("train", "val", "test")
 

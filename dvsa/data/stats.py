@@ -8,7 +8,9 @@ Counts are streamed: a length histogram and a word counter per kind, never the c
 from __future__ import annotations
 
 import io
+from bisect import bisect_left
 from collections import Counter
+from itertools import accumulate
 from typing import Iterable
 
 import fsspec
@@ -51,19 +53,15 @@ class Tally:
         }
 
 
-def _median(hist: Counter) -> float:
+def _median(hist: Counter[int]) -> float:
     """The median of the values counted in ``hist`` (mean of the two middle ones for an even count)."""
     n = sum(hist.values())
     if not n:
         return 0.0
-    lo, hi, seen = None, None, 0
-    for value in sorted(hist):
-        seen += hist[value]
-        if lo is None and seen >= (n + 1) // 2:
-            lo = value
-        if seen >= n // 2 + 1:
-            hi = value
-            break
+    values = sorted(hist)
+    seen = list(accumulate(hist[v] for v in values))   # seen[i]: how many counted values are <= values[i]
+    lo = values[bisect_left(seen, (n + 1) // 2)]       # the ((n+1)//2)-th smallest
+    hi = values[bisect_left(seen, n // 2 + 1)]         # the (n//2+1)-th smallest
     return lo if n % 2 else (lo + hi) / 2
 
 
@@ -90,7 +88,8 @@ def table(stats: dict, top: int = 10) -> str:
     rows = [("captions", "captions", "{:,}"), ("images", "images", "{:,}"),
             ("captions per image", "captions_per_image", "{:.2f}"), ("mean length (words)", "length_mean", "{:.2f}"),
             ("median length", "length_median", "{:g}"), ("max length", "length_max", "{}"),
-            ("vocabulary (distinct words)", "vocabulary", "{:,}"), ("vocabulary (count >= 5)", "vocabulary_min5", "{:,}"),
+            ("vocabulary (distinct words)", "vocabulary", "{:,}"),
+            ("vocabulary (count >= 5)", "vocabulary_min5", "{:,}"),
             ("words per image", "words_per_image", "{:.1f}")]
     w = 28
     lines = [f"{'':<{w}} {'region':>16} {'full image':>16}"]
@@ -123,7 +122,7 @@ def plot(stats: dict, path: str, top: int = 15) -> None:
     ax = axes[3]
     measures = [("captions / image", "captions_per_image"), ("words / image", "words_per_image"),
                 ("vocabulary / 100", "vocabulary")]
-    xs = range(len(measures))
+    xs = list(range(len(measures)))
     for i, (kind, label) in enumerate(KINDS.items()):
         vals = [stats[kind][key] / (100 if key == "vocabulary" else 1) for _, key in measures]
         ax.bar([x + 0.4 * i for x in xs], vals, width=0.4, label=label)

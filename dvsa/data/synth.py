@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dvsa.errors import DvsaError
 from dvsa.text import clean_caption
 
 COLOURS = {
@@ -71,8 +72,6 @@ class SynthOptions:
     proposal_jitter: float = 0.03
 
     def validate(self) -> None:
-        from dvsa.errors import DvsaError
-
         if self.images < 3:
             raise DvsaError(f"--images must be >= 3 (one per split), got {self.images}")
         if self.image_size < 48:

@@ -21,7 +21,15 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from dvsa.config import Config
+from dvsa.data.shards import iter_samples
 from dvsa.errors import DataError, DvsaError
+from dvsa.evaluation.retrieval import fold_metrics, model_score_fn, retrieval_metrics
+from dvsa.inference.alignment import Embedder, alignment_boxes
+from dvsa.inference.device import pick_device
+from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
+from dvsa.ingest.samples import encode_words
+from dvsa.text import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -45,58 +53,9 @@ def _sentences(meta: dict, per_image: int) -> list[list[str]]:
     return pool[:per_image]
 
 
-class _Embedder:
-    """Batched eq. 1 for images (one CNN pass per batch) and eq. 2-6 for sentences."""
-
-    def __init__(self, model, cfg, device: torch.device):
-        from dvsa.models.encoder import build_encoder
-
-        self.model, self.cfg, self.device = model, cfg, device
-        self.encoder = None
-        if getattr(model, "encoder", None) is None:   # trained on precomputed features
-            torch.manual_seed(cfg.train.seed)
-            self.encoder = build_encoder(cfg.model).to(device).eval()
-
-    @torch.no_grad()
-    def regions(self, images: list[np.ndarray], boxes: list[np.ndarray],
-                max_boxes: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v float[B, M, h], v_mask bool[B, M]) with M = ``max_boxes`` or ``data.max_regions``."""
-        from dvsa.ingest import normalize_images
-
-        M = max_boxes or self.cfg.data.max_regions
-        x = normalize_images(torch.from_numpy(np.stack(images)).to(self.device))        # [B, 3, S, S]
-        padded = torch.zeros(len(images), M, 4, device=self.device)
-        mask = torch.zeros(len(images), M, dtype=torch.bool, device=self.device)
-        for b, bx in enumerate(boxes):
-            padded[b, :len(bx)] = torch.from_numpy(bx)
-            mask[b, :len(bx)] = True
-        if self.encoder is None:
-            v, v_mask = self.model.embed_regions(x, padded, mask)                       # [B, M', h]
-        else:
-            feats = self.encoder(x, [padded[b][mask[b]] for b in range(len(images))])  # [sum K, D]
-            full = feats.new_zeros(len(images), M, feats.shape[-1])
-            full[mask] = feats
-            v, v_mask = self.model.embed_region_features(full, mask)
-        if v.shape[1] < M:  # embed_regions pads to the batch's largest count
-            v = torch.cat([v, v.new_zeros(v.shape[0], M - v.shape[1], v.shape[2])], dim=1)
-            v_mask = torch.cat([v_mask, v_mask.new_zeros(v_mask.shape[0], M - v_mask.shape[1])], dim=1)
-        return v.float().cpu(), v_mask.cpu()
-
-    @torch.no_grad()
-    def words(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        s, s_mask = self.model.embed_words(torch.from_numpy(tokens).to(self.device),
-                                           torch.from_numpy(lengths).to(self.device))   # [L, T, h]
-        return s.float().cpu(), s_mask.cpu()
-
-
-def _batches(shards: str, split: str, cfg, vocab, per_image: int, max_images: Optional[int],
+def _batches(shards: str, split: str, cfg: Config, vocab: Vocab, per_image: int, max_images: Optional[int],
              batch_size: int, skipped: Counter) -> Iterator[list[tuple]]:
     """Lists of (key, image uint8[3,S,S], boxes float[K,4] resized frame, [(ids, length, tokens)])."""
-    from dvsa.data.shards import iter_samples
-    from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
-    from dvsa.experiments.snippets import alignment_boxes
-    from dvsa.ingest.samples import encode_words
-
     batch, n = [], 0
     for key, jpg, meta in iter_samples(shards, split):
         if max_images and n >= max_images:
@@ -125,17 +84,15 @@ def _batches(shards: str, split: str, cfg, vocab, per_image: int, max_images: Op
         yield batch
 
 
-def embed_split(model, vocab, cfg, shards: str, split: str = "test", *, sentences_per_image: int = 5,
+def embed_split(model, vocab: Vocab, cfg: Config, shards: str, split: str = "test", *, sentences_per_image: int = 5,
                 max_images: Optional[int] = None, batch_size: int = 16,
                 device: Optional[str] = None) -> EmbeddedSplit:
     """Embed every image (regions) and sentence (words) of ``split`` with the alignment model."""
-    from dvsa.evaluation.regions import pick_device
-
     if cfg.task != "align" or not hasattr(model, "embed_words"):
         raise DvsaError(f"retrieval needs an alignment model; this checkpoint is a {cfg.task!r} model")
     dev = pick_device(device)
     model = model.to(dev).eval()
-    emb = _Embedder(model, cfg, dev)
+    emb = Embedder(model, cfg, dev)
     skipped: Counter = Counter()
     vs, vms, ss, sms, sent_img, keys, sentences = [], [], [], [], [], [], []
     for batch in _batches(shards, split, cfg, vocab, sentences_per_image, max_images, batch_size, skipped):
@@ -159,8 +116,6 @@ def embed_split(model, vocab, cfg, shards: str, split: str = "test", *, sentence
 
 def retrieval_from_embeddings(model, e: EmbeddedSplit, fold_size: int = 1000) -> dict[str, float]:
     """``retrieval/<k>`` on the whole set and ``retrieval_1k/<k>`` over ``fold_size``-image folds."""
-    from dvsa.evaluation.retrieval import fold_metrics, model_score_fn, retrieval_metrics
-
     model = model.cpu().eval()
     fn = model_score_fn(model, e.v, e.v_mask, e.s, e.s_mask)
     n = len(e.v)
@@ -175,9 +130,9 @@ def retrieval_from_embeddings(model, e: EmbeddedSplit, fold_size: int = 1000) ->
     return out
 
 
-def evaluate_retrieval(model, vocab, cfg, shards: str, split: str = "test", *, sentences_per_image: int = 5,
-                       max_images: Optional[int] = None, fold_size: int = 1000, batch_size: int = 16,
-                       device: Optional[str] = None) -> tuple[dict[str, float], EmbeddedSplit]:
+def evaluate_retrieval(model, vocab: Vocab, cfg: Config, shards: str, split: str = "test", *,
+                       sentences_per_image: int = 5, max_images: Optional[int] = None, fold_size: int = 1000,
+                       batch_size: int = 16, device: Optional[str] = None) -> tuple[dict[str, float], EmbeddedSplit]:
     """Retrieval metrics of a loaded alignment model on ``split`` (see module doc)."""
     e = embed_split(model, vocab, cfg, shards, split, sentences_per_image=sentences_per_image,
                     max_images=max_images, batch_size=batch_size, device=device)

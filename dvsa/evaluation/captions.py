@@ -31,8 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
 from dvsa.errors import DataError, DvsaError
-from dvsa.evaluation.meteor import (JVM_LOCALE_FLAGS, MeteorProcess, check_java, java_env,
-                                    pycocoevalcap_dir)
+from dvsa.evaluation.meteor import JVM_LOCALE_FLAGS, MeteorProcess, check_java, java_env, pycocoevalcap_dir
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +319,7 @@ def score_parallel(refs: Refs, hyps: Hyps, num_actors: int = 2, *, tokenizer: st
     finally:
         try:
             ray.get([a.close.remote() for a in actors], timeout=30)
-        except Exception:  # noqa: BLE001 - an actor that already died has nothing to close
+        except Exception:  # an actor that already died has nothing to close
             pass
         for a in actors:
             ray.kill(a)

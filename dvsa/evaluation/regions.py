@@ -19,7 +19,7 @@ The same job runs a full-frame captioner on the region boxes (Table 5's comparis
 model never saw regions), and, with ``queries="images"``, any captioner on whole images
 against their full-image sentences (``fullframe/*`` metrics).
 
-:class:`BoxCaptioner` is the in-process core (also used by ``dvsa caption``): a trained
+:class:`dvsa.inference.captioning.BoxCaptioner` is the in-process core (also used by ``dvsa caption``): a trained
 captioner + vocabulary + config, describing boxes of already resized images.
 """
 
@@ -33,15 +33,23 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
+from dvsa.config import CaptionDecode
+from dvsa.data.manifest import Manifest
+from dvsa.data.shards import BAD_JSON, iter_samples, parse_row
 from dvsa.errors import DataError, DvsaError
+from dvsa.evaluation.captions import score_parallel
+from dvsa.evaluation.meteor import check_java
+from dvsa.inference.captioning import BoxCaptioner
+from dvsa.inference.checkpoints import resolve_checkpoint
+from dvsa.ingest.dataset import dataset_paths
+from dvsa.ingest.decode import CorruptImage
+from dvsa.viz import draw_region_captions
 
 log = logging.getLogger(__name__)
 
 QUERY_KINDS = ("groups", "images")
 METRIC_PREFIX = {"groups": "region", "images": "fullframe"}
-DECODERS = ("beam", "greedy", "sample")
 
 
 # --------------------------------------------------------------------------- queries
@@ -71,108 +79,15 @@ def sample_queries(meta: dict, kind: str = "groups") -> list[dict]:
     raise DvsaError(f"region evaluation: queries must be one of {QUERY_KINDS}, got {kind!r}")
 
 
-def expected_queries(manifest: dict, split: str, kind: str = "groups") -> Optional[int]:
-    """How many queries the manifest says the split holds (groups, or images), if recorded."""
-    counts = (manifest.get("splits") or {}).get(split) or {}
-    value = counts.get("groups" if kind == "groups" else "images")
-    return int(value) if value is not None else None
+def expected_queries(manifest: Manifest, split: str, kind: str = "groups") -> Optional[int]:
+    """How many queries the manifest says the split holds (groups, or images), if it lists the split."""
+    if split not in manifest.splits:
+        return None
+    return manifest.split_count(split, "groups" if kind == "groups" else "images")
 
 
 def query_id(image_id: Any, index: int) -> str:
     return f"{image_id}:{index}"
-
-
-# --------------------------------------------------------------------------- in-process core
-
-
-def pick_device(device: Optional[str] = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-class BoxCaptioner:
-    """A trained captioner describing boxes: ``describe(images, boxes) -> [[(caption, logprob)]]``.
-
-    ``images``: uint8 ``[3, S, S]`` arrays (resized to ``data.image_size``, as ingest makes
-    them); ``boxes``: per image ``float[K, 4]`` in that resized frame. One CNN pass for all
-    images, RoIAlign for all boxes, one decode for all rows. A model trained on precomputed
-    features (``data.features``) gets its frozen CNN rebuilt exactly as ``dvsa features``
-    built it (``model.*`` + ``train.seed``).
-    """
-
-    def __init__(self, model: torch.nn.Module, vocab, cfg, device: Optional[str] = None,
-                 decode: Optional[str] = None, beam_size: Optional[int] = None):
-        from dvsa.models.encoder import build_encoder
-
-        self.cfg = cfg
-        self.vocab = vocab
-        self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
-        if cfg.task != "caption" or not hasattr(model, "captioner"):
-            raise DvsaError(f"this checkpoint is a {cfg.task!r} model, not a captioner")
-        if decode is not None and decode not in DECODERS:
-            raise DvsaError(f"decode must be one of {DECODERS}, got {decode!r}")
-        self.caption_cfg = cfg.caption
-        if decode is not None or beam_size is not None:
-            import dataclasses
-
-            self.caption_cfg = dataclasses.replace(
-                cfg.caption, decode=decode or cfg.caption.decode, beam_size=beam_size or cfg.caption.beam_size)
-        self.encoder = getattr(model, "encoder", None)
-        if self.encoder is None:  # FeatureCaptioningModel: rebuild the frozen CNN of `dvsa features`
-            torch.manual_seed(cfg.train.seed)
-            self.encoder = build_encoder(cfg.model).to(self.device).eval()
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str, tracking_uri: Optional[str] = None, device: Optional[str] = None,
-                        decode: Optional[str] = None, beam_size: Optional[int] = None) -> "BoxCaptioner":
-        from dvsa.train.checkpoints import load_trained
-
-        model, vocab, cfg = load_trained(checkpoint, tracking_uri)
-        return cls(model, vocab, cfg, device, decode, beam_size)
-
-    @property
-    def image_size(self) -> int:
-        return self.cfg.data.image_size
-
-    def prepare_image(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
-        """Image file bytes -> (uint8 [3, S, S], (width, height) of the stored image);
-        raises :class:`dvsa.ingest.decode.CorruptImage`."""
-        from dvsa.ingest.decode import decode_resize
-
-        return decode_resize(data, self.image_size, self.cfg.data.jpeg_decoder)
-
-    def to_frame(self, boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
-        """Boxes in stored-image pixels -> float32 [K, 4] in the resized frame."""
-        from dvsa.ingest.decode import scale_boxes
-
-        if len(boxes) == 0:
-            return np.zeros((0, 4), np.float32)
-        return scale_boxes(boxes, width, height, self.image_size)
-
-    @torch.no_grad()
-    def describe(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[list[tuple[str, float]]]:
-        from dvsa.ingest import normalize_images
-        from dvsa.models.decoding import decode
-
-        if len(images) != len(boxes):
-            raise ValueError(f"{len(images)} images but {len(boxes)} box lists")
-        counts = [len(b) for b in boxes]
-        if not images or sum(counts) == 0:
-            return [[] for _ in images]
-        x = normalize_images(torch.from_numpy(np.stack(images)).to(self.device))      # [B, 3, S, S]
-        box_list = [torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=self.device)
-                    for b in boxes]                                                    # B x [K_b, 4]
-        feats = self.encoder(x, box_list)                                              # [sum K_b, D]
-        tokens, logprob = decode(self.model.captioner, feats, self.cfg.data.max_len, self.caption_cfg)
-        words = [" ".join(self.vocab.decode(row)) for row in tokens.cpu().tolist()]
-        lp = logprob.float().cpu().tolist()
-        out, pos = [], 0
-        for k in counts:
-            out.append(list(zip(words[pos:pos + k], lp[pos:pos + k])))
-            pos += k
-        return out
 
 
 # --------------------------------------------------------------------------- the Ray Data job
@@ -196,30 +111,21 @@ class RegionCaptionActor:
     """
 
     def __init__(self, checkpoint_dir: str, queries: str = "groups", device: Optional[str] = None,
-                 decode: Optional[str] = None, beam_size: Optional[int] = None):
+                 decode: Optional[CaptionDecode] = None, beam_size: Optional[int] = None):
         self.captioner = BoxCaptioner.from_checkpoint(checkpoint_dir, device=device, decode=decode,
                                                       beam_size=beam_size)
         self.queries = queries
 
     def __call__(self, batch: dict) -> dict:
-        from dvsa.ingest.decode import CorruptImage
-
-        keys = [str(k) for k in batch["__key__"]]
-        jpgs = batch.get("jpg")
-        metas = batch.get("json")
         images, frames, per_image, skipped = [], [], [], []
-        for i, key in enumerate(keys):
-            try:
-                meta = json.loads(bytes(metas[i])) if metas is not None and metas[i] is not None else None
-            except (ValueError, UnicodeDecodeError):
-                meta = None
-            if not isinstance(meta, dict):
-                skipped.append((key, "bad_json"))
+        for i in range(len(batch["__key__"])):
+            key, data, meta, _ = parse_row(batch, i)
+            if meta is None:
+                skipped.append((key, BAD_JSON))
                 continue
             queries = sample_queries(meta, self.queries)
             if not queries:
                 continue
-            data = bytes(jpgs[i]) if jpgs is not None and jpgs[i] is not None else b""
             try:
                 img, (w, h) = self.captioner.prepare_image(data)
             except CorruptImage:
@@ -256,11 +162,9 @@ class RegionCaptionActor:
 
 def prediction_dataset(checkpoint_dir: str, shards: str, split: str = "test", *, queries: str = "groups",
                        batch_size: int = 8, concurrency: int = 1, use_gpu: bool = False,
-                       decode: Optional[str] = None, beam_size: Optional[int] = None):
+                       decode: Optional[CaptionDecode] = None, beam_size: Optional[int] = None):
     """The streaming Ray Dataset of predictions (one row per query), in shard order."""
     import ray
-
-    from dvsa.ingest.dataset import dataset_paths
 
     if queries not in QUERY_KINDS:
         raise DvsaError(f"region evaluation: queries must be one of {QUERY_KINDS}, got {queries!r}")
@@ -315,8 +219,6 @@ def collect_predictions(ds, max_queries: Optional[int] = None, batch_size: int =
 def score_predictions(preds: Sequence[dict], prefix: str = "region", num_actors: int = 2,
                       actor_num_cpus: float = 1.0) -> dict[str, float]:
     """Corpus-level metrics of the predictions, named ``<prefix>/<metric>``."""
-    from dvsa.evaluation.captions import score_parallel
-
     if not preds:
         raise DataError("region evaluation: no queries to score (no groups in the split's shards?)")
     refs = {p["qid"]: p["refs"] for p in preds}
@@ -331,26 +233,22 @@ def score_predictions(preds: Sequence[dict], prefix: str = "region", num_actors:
 def evaluate_regions(checkpoint: str, shards: str, split: str = "test", *, queries: str = "groups",
                      max_queries: Optional[int] = None, batch_size: int = 8, concurrency: int = 1,
                      use_gpu: Optional[bool] = None, num_meteor_actors: int = 2,
-                     meteor_actor_cpus: float = 1.0, decode: Optional[str] = "beam",
+                     meteor_actor_cpus: float = 1.0, decode: Optional[CaptionDecode] = "beam",
                      beam_size: Optional[int] = None, tracking_uri: Optional[str] = None) -> RegionEvalResult:
     """Caption every query of ``split`` with the checkpoint's captioner and score the captions.
 
-    ``checkpoint``: anything :func:`dvsa.train.checkpoints.load_trained` accepts; it is resolved
+    ``checkpoint``: anything :func:`dvsa.inference.checkpoints.load_trained` accepts; it is resolved
     to a directory on the driver and loaded by every actor. ``max_queries`` caps the queries
     (the first ones in shard order; for quick runs). ``use_gpu`` (default: when the Ray cluster
     has a GPU) puts one GPU under each captioning actor. Needs a connected Ray.
     """
     import ray
 
-    from dvsa.data.shards import load_manifest
-    from dvsa.evaluation.meteor import check_java
-    from dvsa.train.checkpoints import resolve_checkpoint
-
     check_java()
     ckpt = resolve_checkpoint(checkpoint, tracking_uri)
     if max_queries is not None and max_queries < 1:
         raise DvsaError(f"max queries must be >= 1, got {max_queries}")
-    manifest = load_manifest(shards)
+    manifest = Manifest.read(shards)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     ds = prediction_dataset(str(ckpt), shards, split, queries=queries, batch_size=batch_size,
@@ -373,8 +271,6 @@ def evaluate_regions(checkpoint: str, shards: str, split: str = "test", *, queri
 
 def iter_images(shards: str, split: str, keys: Sequence[str]) -> Iterator[tuple[str, bytes, dict]]:
     """``(key, jpg, meta)`` of the given sample keys (read in shard order, stops when all found)."""
-    from dvsa.data.shards import iter_samples
-
     wanted = set(keys)
     for key, jpg, meta in iter_samples(shards, split):
         if key in wanted:
@@ -390,8 +286,6 @@ def draw_examples(result: RegionEvalResult, shards: str, split: str, out_dir: st
     import io
 
     from PIL import Image
-
-    from dvsa.viz import draw_region_captions
 
     by_key: dict[str, list[dict]] = {}
     for p in result.predictions:

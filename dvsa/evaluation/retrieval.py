@@ -125,7 +125,9 @@ def fold_metrics(S_or_fn: Union[Tensor, ScoreFn], sent_img: Tensor, fold_size: i
         i0, i1 = f * fold_size, (n_img if n_folds == 1 else (f + 1) * fold_size)
         sent = ((sent_img >= i0) & (sent_img < i1)).nonzero().squeeze(1)
         img = torch.arange(i0, i1)
-        sub_fn = (lambda a, b, img=img, sent=sent: fn(img[a], sent[b]))
+        def sub_fn(a: Tensor, b: Tensor, img: Tensor = img, sent: Tensor = sent) -> Tensor:
+            return fn(img[a], sent[b])
+
         ranks = retrieval_ranks(sub_fn, i1 - i0, sent_img[sent] - i0, img_chunk, sent_chunk)
         results.append(metrics_from_ranks(*ranks))
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}

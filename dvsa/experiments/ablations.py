@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Mapping, Optional, Sequence
 
+from dvsa import tracking
+from dvsa.config import Config
 from dvsa.errors import DvsaError
 
 log = logging.getLogger(__name__)
@@ -32,23 +34,22 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r
 SOURCES = ("retrieval/", "best/val/")
 
 
-def variant_config(cfg, variant: str, overrides: Optional[Mapping] = None, group: str = "table1"):
+def variant_config(cfg: Config, variant: str, overrides: Optional[Mapping] = None, group: str = "table1") -> Config:
     """The config of one variant: its overrides, a run name and a Ray Train name of its own."""
     if variant not in VARIANTS and overrides is None:
         raise DvsaError(f"unknown ablation {variant!r} (known: {', '.join(VARIANTS)})")
     ov = dict(VARIANTS.get(variant, {}) if overrides is None else overrides)
     base_name = cfg.train.name or cfg.name
-    ov.update({"task": "align", "mlflow.run_name": f"{group}-{variant}", "train.name": f"{base_name}-{group}-{variant}"})
+    ov.update({"task": "align", "mlflow.run_name": f"{group}-{variant}",
+               "train.name": f"{base_name}-{group}-{variant}"})
     return cfg.replace(**ov)
 
 
-def run_ablations(cfg, variants: Sequence[str] = tuple(VARIANTS), group: str = "table1",
+def run_ablations(cfg: Config, variants: Sequence[str] = tuple(VARIANTS), group: str = "table1",
                   train_fn: Optional[Callable] = None) -> list[dict]:
     """Train every variant through the train-align job, tag its run, return Table 1's rows."""
-    from dvsa import tracking
-
     if train_fn is None:
-        from dvsa.train.launch import train as train_fn  # noqa: N813
+        from dvsa.train.launch import train as train_fn
     uri = None
     for v in variants:
         vcfg = variant_config(cfg, v, group=group)
@@ -62,8 +63,6 @@ def run_ablations(cfg, variants: Sequence[str] = tuple(VARIANTS), group: str = "
 def collect_ablation_table(uri: str, experiment: str, group: str = "table1") -> list[dict]:
     """Rows ``{variant, label, run_id, source, i2t_r1, ..., t2i_medr}`` of the group's runs
     (the latest run per variant), in :data:`VARIANTS` order then by name."""
-    from dvsa import tracking
-
     c = tracking.client(uri)
     exp = tracking.retry_locked(c.get_experiment_by_name, experiment)
     if exp is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from dvsa.boxes import iou
+from dvsa.data.shards import iter_samples
 from dvsa.text import clean_caption
 
 
@@ -80,8 +81,6 @@ def attribute_accuracy(predictions: Sequence[Mapping], truth: Mapping, sizes: Ma
 
 def stored_sizes(shards: str, split: str, image_ids: Optional[set] = None) -> dict[str, tuple]:
     """image_id -> (width, height) of the stored JPEGs of a split (from the shard json only)."""
-    from dvsa.data.shards import iter_samples
-
     out: dict[str, tuple] = {}
     for _key, _jpg, meta in iter_samples(shards, split):
         iid = str(meta["image_id"])

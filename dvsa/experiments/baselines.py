@@ -30,7 +30,15 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from dvsa import tracking
+from dvsa.config import CaptionDecode, Config
+from dvsa.data.shards import iter_samples
 from dvsa.errors import DataError, DvsaError
+from dvsa.evaluation.captions import CaptionScorer, prepare
+from dvsa.evaluation.regions import evaluate_regions, query_id, sample_queries, score_predictions
+from dvsa.inference.alignment import decode_images, embed_decoded, encode_sentences
+from dvsa.inference.checkpoints import load_trained
+from dvsa.text import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +81,6 @@ def rank_snippets(v: Tensor, s: Tensor, s_mask: Tensor, per_word: bool = True,
 def snippet_candidates(shards: str, split: str = "train", max_candidates: Optional[int] = None
                        ) -> list[tuple[str, ...]]:
     """Unique region captions (token tuples) of ``split``, most frequent first (ties: first seen)."""
-    from dvsa.data.shards import iter_samples
-
     counts: Counter = Counter()
     order: dict[tuple, int] = {}
     for _, _, meta in iter_samples(shards, split):
@@ -90,11 +96,9 @@ def snippet_candidates(shards: str, split: str = "train", max_candidates: Option
     return ranked[:max_candidates] if max_candidates else ranked
 
 
-def embed_candidates(model, vocab, candidates: Sequence[Sequence[str]], batch: int = 512
+def embed_candidates(model, vocab: Vocab, candidates: Sequence[Sequence[str]], batch: int = 512
                      ) -> tuple[Tensor, Tensor]:
     """Each candidate embedded as its own sentence: ``(s float[C,T,h], s_mask bool[C,T])``."""
-    from dvsa.experiments.snippets import encode_sentences
-
     T = max(len(c) for c in candidates)
     parts, masks = [], []
     with torch.no_grad():
@@ -107,17 +111,12 @@ def embed_candidates(model, vocab, candidates: Sequence[Sequence[str]], batch: i
     return torch.cat(parts), torch.cat(masks)
 
 
-def nn_baseline_predictions(model, vocab, cfg, candidates: Sequence[Sequence[str]], region_shards: str,
+def nn_baseline_predictions(model, vocab: Vocab, cfg: Config, candidates: Sequence[Sequence[str]], region_shards: str,
                             split: str = "test", *, per_word: bool = True, max_queries: Optional[int] = None,
                             batch_images: int = 16) -> tuple[list[dict], dict]:
     """The ranking baseline's caption for every query (region group) of ``split``:
     ``(predictions, skipped)``; predictions are dicts like region evaluation's (``qid``,
     ``key``, ``image_id``, ``index``, ``box``, ``caption``, ``refs``) plus ``score``."""
-    from dvsa.data.shards import iter_samples
-    from dvsa.evaluation.regions import query_id, sample_queries
-    from dvsa.experiments.snippets import embed_images
-    from dvsa.ingest.decode import CorruptImage
-
     if cfg.task != "align":
         raise DvsaError(f"the ranking baseline needs an alignment model, got a {cfg.task!r} checkpoint")
     s, s_mask = embed_candidates(model, vocab, candidates)
@@ -128,22 +127,14 @@ def nn_baseline_predictions(model, vocab, cfg, candidates: Sequence[Sequence[str
     def flush():
         if not pending:
             return
-        try:
-            v, vm = embed_images(model, [p[1] for p in pending], [[q["box"] for q in p[3]] for p in pending],
-                                 cfg.data.image_size, cfg.data.jpeg_decoder)
-        except CorruptImage:
-            good = []
-            for p in pending:
-                try:
-                    embed_images(model, [p[1]], [[p[3][0]["box"]]], cfg.data.image_size, cfg.data.jpeg_decoder)
-                    good.append(p)
-                except CorruptImage:
-                    skipped["corrupt_image"] += 1
-            pending[:] = good
-            if not pending:
-                return
-            v, vm = embed_images(model, [p[1] for p in pending], [[q["box"] for q in p[3]] for p in pending],
-                                 cfg.data.image_size, cfg.data.jpeg_decoder)
+        decoded = decode_images([p[1] for p in pending], [[q["box"] for q in p[3]] for p in pending],
+                                cfg.data.image_size, cfg.data.jpeg_decoder)
+        if decoded.corrupt:
+            skipped["corrupt_image"] += len(decoded.corrupt)
+        pending[:] = [pending[j] for j in decoded.kept]
+        if not pending:
+            return
+        v, vm = embed_decoded(model, decoded)
         best, score = rank_snippets(v[vm], s, s_mask, per_word=per_word)    # one row per query, in order
         g = 0
         for key, _, image_id, queries in pending:
@@ -184,8 +175,6 @@ def score_predictions_local(preds: Sequence[dict], scorer=None, metrics: str = "
     ``metrics="bleu"``: BLEU-1..4 only, Table 4's columns (no METEOR JVM; with
     ``tokenizer="none"`` no Java at all, for captions that are already lower-case words).
     """
-    from dvsa.evaluation.captions import CaptionScorer, prepare
-
     if not preds:
         raise DataError("no predictions to score")
     refs = {p["qid"]: list(p["refs"]) for p in preds}
@@ -245,17 +234,13 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, name: str = "table4")
 def run_table4(region_shards: str, *, captioners: Mapping[str, str], align_checkpoint: Optional[str] = None,
                candidate_shards: Optional[str] = None, split: str = "test", max_queries: Optional[int] = None,
                out_dir: str = "runs/table4", tracking_uri: Optional[str] = None, experiment: str = "dvsa",
-               decode: Optional[str] = "beam") -> dict:
+               decode: Optional[CaptionDecode] = "beam") -> dict:
     """Table 4 on ``split`` of ``region_shards`` (VG: region annotations): one row per
     captioner checkpoint (``{"RNN: full frame": ckpt, "RNN: region (snippets)": ckpt}``) and,
     with ``align_checkpoint`` + ``candidate_shards`` (the snippet shards), the ranking baseline.
     Needs a connected Ray (captioner rows run region evaluation's Ray Data job). Writes
     ``table4.md`` / ``table4.csv`` under ``out_dir`` and logs them, with ``table4/<row>/<metric>``
     metrics, to one MLflow run (tag ``task=table4``); returns ``{"rows", "run_id", "paths"}``."""
-    from dvsa import tracking
-    from dvsa.evaluation.regions import evaluate_regions, score_predictions
-    from dvsa.train.checkpoints import load_trained
-
     results: dict[str, dict] = {}
     counts: dict[str, int] = {}
     if align_checkpoint:

@@ -23,13 +23,22 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
+from dvsa import tracking
 from dvsa.boxes import iou
+from dvsa.config import Config
+from dvsa.data.shards import iter_samples
 from dvsa.errors import DataError, DvsaError
-from dvsa.jsonfile import load_json
+from dvsa.experiments.snippets import alignment_figure, first_sample
+from dvsa.files import load_json
+from dvsa.inference.alignment import align_sentences, alignment_boxes, decode_images, embed_decoded, encode_sentences
+from dvsa.inference.checkpoints import load_trained, resolve_checkpoint
+from dvsa.models.alignment import AlignmentModel
+from dvsa.models.mrf import viterbi_align
+from dvsa.text import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -142,77 +151,59 @@ def match_sentences(sentences: Sequence[dict], truth_sentences: Sequence[dict]) 
 # --------------------------------------------------------------------------- the evaluation
 
 
-def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dict], split: str = "test",
-                            beta: Optional[float] = None, batch_size: int = 16,
-                            max_images: Optional[int] = None) -> WordAlignmentResult:
-    """Score the alignment model on ``split`` of a synth world's Karpathy shards."""
-    from dvsa.data.shards import iter_samples
-    from dvsa.experiments.snippets import align_sentences, alignment_boxes, embed_images, encode_sentences
-    from dvsa.ingest.decode import CorruptImage
-    from dvsa.models.mrf import viterbi_align
+class _Tally:
+    """Hits per alignment (``argmax``, ``mrf``) and no-evidence flags, overall and per word role,
+    and the chance rates of the same words."""
 
-    beta = float(cfg.align.mrf_beta if beta is None else beta)
-    hits = {"argmax": [], "mrf": [], "no_evidence": []}
-    roles: dict[str, dict[str, list]] = {}
-    chance, chance_prop = [], []
-    skipped: Counter = Counter()
-    n_images = n_sentences = 0
+    def __init__(self, whole_image: bool):
+        self.whole_image = whole_image
+        self.hits: dict[str, list] = {"argmax": [], "mrf": [], "no_evidence": []}
+        self.roles: dict[str, dict[str, list]] = {}
+        self.chance: list[float] = []
+        self.chance_prop: list[float] = []
+        self.images = self.sentences = 0
 
-    def flush(batch):
-        nonlocal n_images, n_sentences
-        if not batch:
-            return
-        try:
-            v, vm = embed_images(model, [b[0] for b in batch], [b[1] for b in batch], cfg.data.image_size,
-                                 cfg.data.jpeg_decoder)
-        except CorruptImage:
-            ok = []
-            for b in batch:
-                try:
-                    embed_images(model, [b[0]], [b[1]], cfg.data.image_size, cfg.data.jpeg_decoder)
-                    ok.append(b)
-                except CorruptImage:
-                    skipped["corrupt_image"] += 1
-            batch[:] = ok
-            if not batch:
-                return
-            v, vm = embed_images(model, [b[0] for b in batch], [b[1] for b in batch], cfg.data.image_size,
-                                 cfg.data.jpeg_decoder)
-        sent_img, toks, info = [], [], []
-        for i, (_, boxes, pairs, true_boxes) in enumerate(batch):
-            for s, ts in pairs:
-                sent_img.append(i)
-                toks.append(s["tokens"])
-                info.append((boxes, ts, true_boxes))
-        tokens, lengths = encode_sentences(vocab, toks)
-        sent_img_t = torch.tensor(sent_img, dtype=torch.long)
-        a_mrf, unary = align_sentences(model, v, vm, sent_img_t, tokens, lengths, beta)
-        vm_l = vm[sent_img_t]
-        a_arg = viterbi_align(unary, lengths, vm_l, 0.0)
-        for k, (boxes, ts, true_boxes) in enumerate(info):
-            role_of = ts.get("roles") or ["other"] * len(ts["objects"])
-            for name, assign in (("argmax", a_arg), ("mrf", a_mrf)):
-                for t, ok in word_hits(assign[k].tolist(), boxes, ts["objects"], true_boxes):
-                    hits[name].append(ok)
-                    roles.setdefault(role_of[t], {"argmax": [], "mrf": [], "no_evidence": []})[name].append(ok)
-            flat = no_evidence(unary[k, :len(ts["objects"])], vm_l[k]).tolist()
-            props = boxes[1:] if cfg.align.whole_image else boxes
-            for t, o in enumerate(ts["objects"]):
-                if o >= 0:
-                    hits["no_evidence"].append(flat[t])
-                    roles[role_of[t]]["no_evidence"].append(flat[t])
-                    chance.append(chance_hit_rate(boxes, true_boxes[o]))
-                    chance_prop.append(chance_hit_rate(props, true_boxes[o]))
-        n_images += len(batch)
-        n_sentences += len(info)
-        batch.clear()
+    def add(self, boxes: list, ts: dict, true_boxes: list, assign: dict[str, list], unary: torch.Tensor,
+            region_mask: torch.Tensor) -> None:
+        """One sentence: ``assign[name]`` its box per word, ``unary float[N, M]`` its scores."""
+        role_of = ts.get("roles") or ["other"] * len(ts["objects"])
+        for name in ("argmax", "mrf"):
+            for t, ok in word_hits(assign[name], boxes, ts["objects"], true_boxes):
+                self._hit(name, role_of[t], ok)
+        flat = no_evidence(unary[:len(ts["objects"])], region_mask).tolist()
+        props = boxes[1:] if self.whole_image else boxes
+        for t, o in enumerate(ts["objects"]):
+            if o >= 0:
+                self._hit("no_evidence", role_of[t], flat[t])
+                self.chance.append(chance_hit_rate(boxes, true_boxes[o]))
+                self.chance_prop.append(chance_hit_rate(props, true_boxes[o]))
+        self.sentences += 1
 
-    batch: list = []
-    seen = 0
-    for key, jpg, meta in iter_samples(shards, split):
+    def _hit(self, name: str, role: str, ok: bool) -> None:
+        self.hits[name].append(ok)
+        self.roles.setdefault(role, {"argmax": [], "mrf": [], "no_evidence": []})[name].append(ok)
+
+    def result(self, beta: float, skipped: Counter) -> WordAlignmentResult:
+        h = self.hits
+        return WordAlignmentResult(
+            acc_argmax=accuracy(h["argmax"]), acc_mrf=accuracy(h["mrf"]),
+            chance=sum(self.chance) / len(self.chance),
+            chance_proposals=sum(self.chance_prop) / len(self.chance_prop), beta=beta,
+            words=len(h["mrf"]), sentences=self.sentences, images=self.images,
+            no_evidence=accuracy(h["no_evidence"]),
+            by_role={r: {"argmax": accuracy(x["argmax"]), "mrf": accuracy(x["mrf"]),
+                         "no_evidence": accuracy(x["no_evidence"]), "words": len(x["mrf"])}
+                     for r, x in sorted(self.roles.items())},
+            skipped=dict(skipped))
+
+
+def _truth_samples(shards: str, split: str, truth: dict[int, dict], cfg: Config, skipped: Counter,
+                   max_images: Optional[int]) -> Iterator[tuple[bytes, list, list, list]]:
+    """``(jpg, candidate boxes, [(sentence, truth sentence)], true boxes in the stored frame)``
+    of every image of ``split`` with a truth entry and at least one matched sentence."""
+    for seen, (_, jpg, meta) in enumerate(iter_samples(shards, split)):
         if max_images is not None and seen >= max_images:
-            break
-        seen += 1
+            return
         t = truth.get(_as_int(meta.get("image_id")))
         if t is None:
             skipped["image_not_in_truth"] += 1
@@ -231,24 +222,53 @@ def word_alignment_accuracy(model, vocab, cfg, shards: str, truth: dict[int, dic
             skipped["no_sentence"] += 1
             continue
         boxes = alignment_boxes(meta, cfg.data.max_regions, cfg.align.whole_image)
-        batch.append((jpg, boxes, pairs, true_boxes_in_frame(t, int(meta["width"]), int(meta["height"]))))
+        yield jpg, boxes, pairs, true_boxes_in_frame(t, int(meta["width"]), int(meta["height"]))
+
+
+def _score_batch(model: AlignmentModel, vocab: Vocab, cfg: Config, batch: list, beta: float, tally: _Tally,
+                 skipped: Counter) -> None:
+    """Align every sentence of the batch's images (argmax and MRF) and add it to ``tally``."""
+    decoded = decode_images([b[0] for b in batch], [b[1] for b in batch], cfg.data.image_size,
+                            cfg.data.jpeg_decoder)
+    if decoded.corrupt:
+        skipped["corrupt_image"] += len(decoded.corrupt)
+    batch = [batch[j] for j in decoded.kept]
+    if not batch:
+        return
+    v, vm = embed_decoded(model, decoded)
+    sentences = [(i, s, ts) for i, (_, _, pairs, _) in enumerate(batch) for s, ts in pairs]
+    tokens, lengths = encode_sentences(vocab, [s["tokens"] for _, s, _ in sentences])
+    sent_img = torch.tensor([i for i, _, _ in sentences], dtype=torch.long)
+    a_mrf, unary = align_sentences(model, v, vm, sent_img, tokens, lengths, beta)
+    vm_l = vm[sent_img]
+    a_arg = viterbi_align(unary, lengths, vm_l, 0.0)
+    for k, (i, _, ts) in enumerate(sentences):
+        _, boxes, _, true_boxes = batch[i]
+        tally.add(boxes, ts, true_boxes, {"argmax": a_arg[k].tolist(), "mrf": a_mrf[k].tolist()}, unary[k], vm_l[k])
+    tally.images += len(batch)
+
+
+def word_alignment_accuracy(model: AlignmentModel, vocab: Vocab, cfg: Config, shards: str,
+                            truth: dict[int, dict], split: str = "test", beta: Optional[float] = None,
+                            batch_size: int = 16, max_images: Optional[int] = None) -> WordAlignmentResult:
+    """Score the alignment model on ``split`` of a synth world's Karpathy shards."""
+    beta = float(cfg.align.mrf_beta if beta is None else beta)
+    tally = _Tally(cfg.align.whole_image)
+    skipped: Counter = Counter()
+    batch: list = []
+    for item in _truth_samples(shards, split, truth, cfg, skipped, max_images):
+        batch.append(item)
         if len(batch) >= batch_size:
-            flush(batch)
-    flush(batch)
-    if not hits["mrf"]:
+            _score_batch(model, vocab, cfg, batch, beta, tally, skipped)
+            batch = []
+    if batch:
+        _score_batch(model, vocab, cfg, batch, beta, tally, skipped)
+    if not tally.hits["mrf"]:
         raise DataError(f"{shards}: no {split} sentence with object words matched {len(truth)} truth images "
                         f"(skipped: {dict(skipped) or 'none'}); are these the shards of this synth world?")
     if skipped:
         log.warning("word alignment: not scored: %s", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
-    return WordAlignmentResult(
-        acc_argmax=accuracy(hits["argmax"]), acc_mrf=accuracy(hits["mrf"]),
-        chance=sum(chance) / len(chance), chance_proposals=sum(chance_prop) / len(chance_prop), beta=beta,
-        words=len(hits["mrf"]), sentences=n_sentences, images=n_images,
-        no_evidence=accuracy(hits["no_evidence"]),
-        by_role={r: {"argmax": accuracy(h["argmax"]), "mrf": accuracy(h["mrf"]),
-                     "no_evidence": accuracy(h["no_evidence"]), "words": len(h["mrf"])}
-                 for r, h in sorted(roles.items())},
-        skipped=dict(skipped))
+    return tally.result(beta, skipped)
 
 
 def _as_int(v) -> Optional[int]:
@@ -261,29 +281,6 @@ def _as_int(v) -> Optional[int]:
 # --------------------------------------------------------------------------- MLflow
 
 
-def find_alignment_run(uri: str, checkpoint: str, resolved: str) -> Optional[str]:
-    """The MLflow run that trained this checkpoint: ``checkpoint`` itself when it is a run id,
-    else the run whose ``dvsa.checkpoint`` tag names the checkpoint dir (or its run dir)."""
-    import re
-
-    from dvsa import tracking
-
-    if re.fullmatch(r"[0-9a-f]{32}", str(checkpoint)) and tracking.find_run(uri, checkpoint) is not None:
-        return str(checkpoint)
-    c = tracking.client(uri)
-    exp_ids = [e.experiment_id for e in tracking.retry_locked(c.search_experiments)]
-    if not exp_ids:
-        return None
-    paths = {str(resolved), os.path.abspath(str(resolved)), str(checkpoint), os.path.abspath(str(checkpoint))}
-    for p in sorted(paths):
-        q = f"tags.`{tracking.CHECKPOINT_TAG}` = '{p}'"
-        runs = tracking.retry_locked(c.search_runs, exp_ids, filter_string=q, max_results=1,
-                                     order_by=["attributes.start_time DESC"])
-        if runs:
-            return runs[0].info.run_id
-    return None
-
-
 def evaluate_word_alignment(checkpoint: str, world: str, shards: str, *, split: str = "test",
                             beta: Optional[float] = None, out_dir: Optional[str] = None,
                             tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
@@ -291,15 +288,11 @@ def evaluate_word_alignment(checkpoint: str, world: str, shards: str, *, split: 
     """Score a trained alignment model on a synth world, log the metrics and the Fig. 5
     picture to its MLflow run (found by run id or checkpoint tag; a new run in ``experiment``
     when there is none), write them under ``out_dir``; return ``{"result", "run_id", "figure"}``."""
-    from dvsa import tracking
-    from dvsa.experiments.snippets import alignment_figure, first_sample
-    from dvsa.train.checkpoints import load_trained, resolve_checkpoint
-
     resolved = resolve_checkpoint(checkpoint, tracking_uri)
     model, vocab, cfg = load_trained(str(resolved))
-    if cfg.task != "align":
+    if cfg.task != "align" or not isinstance(model, AlignmentModel):
         raise DvsaError(f"{checkpoint}: a {cfg.task!r} checkpoint; word alignment needs an alignment model")
-    if getattr(model, "encoder", None) is None:
+    if model.encoder is None:
         raise DvsaError(f"{checkpoint}: trained on precomputed features; word alignment needs the model's CNN")
     result = word_alignment_accuracy(model, vocab, cfg, shards, load_truth(world), split, beta,
                                      max_images=max_images)
@@ -309,7 +302,7 @@ def evaluate_word_alignment(checkpoint: str, world: str, shards: str, *, split: 
     _, jpg, meta = first_sample(shards, split)
     figure = alignment_figure(model, vocab, cfg, jpg, meta, out / "fig5_alignment.png", beta=result.beta)
     uri = tracking_uri or tracking.tracking_uri(out, cfg.mlflow.tracking_uri)
-    rid = run_id or find_alignment_run(uri, checkpoint, str(resolved))
+    rid = run_id or tracking.find_checkpoint_run(uri, checkpoint, resolved)
     if rid is None:
         logger, _ = tracking.start_run(uri, experiment or cfg.mlflow.experiment, "word-alignment",
                                        {"task": "align", tracking.CHECKPOINT_TAG: str(resolved)})

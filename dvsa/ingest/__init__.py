@@ -16,8 +16,14 @@ Modules: :mod:`.decode` (JPEG -> uint8 CHW, box scaling), :mod:`.samples` (one s
 from dvsa.ingest.counter import SkipCounter
 from dvsa.ingest.dataset import build_dataset, caption_len, dataset_paths
 from dvsa.ingest.decode import decode_resize, scale_boxes
-from dvsa.ingest.torch_batches import (IMAGENET_MEAN, IMAGENET_STD, iter_eval_batches,
-                                       iter_train_batches, normalize_images, to_model_inputs)
+from dvsa.ingest.torch_batches import (
+                                       IMAGENET_MEAN,
+                                       IMAGENET_STD,
+                                       iter_eval_batches,
+                                       iter_train_batches,
+                                       normalize_images,
+                                       to_model_inputs,
+)
 
 __all__ = [
     "SkipCounter", "build_dataset", "caption_len", "dataset_paths", "decode_resize", "scale_boxes",

@@ -17,7 +17,6 @@ Dataset object iterated once per epoch draws differently every epoch yet reprodu
 from __future__ import annotations
 
 import io
-import json
 import logging
 import zlib
 from collections import Counter
@@ -26,17 +25,17 @@ from typing import Optional
 
 import numpy as np
 
+from dvsa.data.shards import BAD_JSON, RawSample, parse_row
 from dvsa.ingest.counter import SkipCounter
 from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
-from dvsa.ingest.samples import (Selection, Skip, Task, box_of, encode_captions, encode_words,
-                                 feature_row, select)
+from dvsa.ingest.samples import RowLayout, Selection, Skip, box_of, encode_captions, encode_words, feature_row, select
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class IngestSpec:
-    task: Task
+    layout: RowLayout
     image_size: int
     rows: int                 # R (caption) or M (align) boxes per row
     max_len: int              # data.max_len (START/END included)
@@ -51,14 +50,14 @@ class IngestSpec:
     @property
     def token_len(self) -> int:
         """T of the token columns: max_len - 1 for caption inputs/targets, max_len words for align."""
-        return self.max_len if self.task == "align" else self.max_len - 1
+        return self.max_len if self.layout == "align" else self.max_len - 1
 
     @property
     def row_bytes(self) -> int:
         """Bytes of one output row (every column), to size Ray Data blocks in rows."""
         n, t = self.rows, self.token_len
         payload = n * self.feat_dim * 4 if self.features else 3 * self.image_size ** 2
-        tokens = (t + 1) * 8 if self.task == "align" else 2 * n * t * 8
+        tokens = (t + 1) * 8 if self.layout == "align" else 2 * n * t * 8
         return payload + n * 4 * 4 + n + tokens + 8
 
 
@@ -81,16 +80,6 @@ def _image_id(meta: dict, key: str) -> int:
         return zlib.crc32(str(value).encode())
 
 
-def _as_bytes(value) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, np.ndarray):
-        return value.tobytes()
-    return bytes(value)
-
-
 class BatchBuilder:
     """``map_batches`` callable (a task function via ``__call__`` or an actor-pool class)."""
 
@@ -102,21 +91,17 @@ class BatchBuilder:
     # ----------------------------------------------------------------- per batch
     def __call__(self, batch: dict) -> dict:
         spec = self.spec
-        keys = [str(k) for k in batch["__key__"]]
         urls = batch.get("__url__")
-        n = len(keys)
-        payload = batch.get("npy" if spec.features else "jpg")
-        payload = [None] * n if payload is None else payload
-        metas = batch.get("json")
-        metas = [None] * n if metas is None else metas
+        payload = "npy" if spec.features else "jpg"
         rows, skipped, examples = [], Counter(), {}
         pass_idx = _pass_index() if spec.randomize else 0
-        for i, key in enumerate(keys):
+        for i in range(len(batch["__key__"])):
+            sample = parse_row(batch, i, payload)
             try:
-                rows.append(self._row(key, _as_bytes(payload[i]), _as_bytes(metas[i]), pass_idx))
+                rows.append(self._row(sample, pass_idx))
             except Skip as s:
                 skipped[s.reason] += 1
-                where = f"{key} ({urls[i]})" if urls is not None else key
+                where = f"{sample.key} ({urls[i]})" if urls is not None else sample.key
                 examples.setdefault(s.reason, f"{where}: {s}")
                 log.warning("ingest: skipped sample %s: %s", where, s)
         if skipped and self.counter is not None:
@@ -124,19 +109,16 @@ class BatchBuilder:
         return self._stack(rows)
 
     # ----------------------------------------------------------------- per sample
-    def _row(self, key: str, payload: bytes, meta_bytes: bytes, pass_idx: int) -> dict:
+    def _row(self, sample: RawSample, pass_idx: int) -> dict:
         spec = self.spec
+        key, payload, meta = sample.key, sample.data, sample.meta
         if not payload:
             raise Skip("missing_features" if spec.features else "missing_image", "no member in the shard")
-        try:
-            meta = json.loads(meta_bytes)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise Skip("bad_json", str(e)) from None
-        if not isinstance(meta, dict):
-            raise Skip("bad_json", "not an object")
+        if meta is None:
+            raise Skip(BAD_JSON, sample.error)
         rng = (np.random.default_rng([spec.seed, spec.epoch + pass_idx, zlib.crc32(key.encode())])
                if spec.randomize else None)
-        sel = select(spec.task, meta, spec.rows, rng, whole_image=spec.whole_image)
+        sel = select(spec.layout, meta, spec.rows, rng, whole_image=spec.whole_image)
         row: dict = {"image_id": _image_id(meta, key)}
         if spec.features:
             feats = _load_npy(payload)
@@ -169,7 +151,7 @@ class BatchBuilder:
 
     def _tokens(self, sel: Selection) -> dict:
         spec = self.spec
-        if spec.task == "align":
+        if spec.layout == "align":
             tokens, length = encode_words(self.vocab, sel.captions[0], spec.token_len)
             return {"tokens": tokens, "lengths": np.int64(length)}
         inputs, targets = encode_captions(self.vocab, sel.captions, spec.rows, spec.max_len)
@@ -192,7 +174,7 @@ class BatchBuilder:
             out["images"] = np.zeros((0, 3, s, s), np.uint8)
         out["boxes"] = np.zeros((0, n, 4), np.float32)
         out["box_mask"] = np.zeros((0, n), bool)
-        if spec.task == "align":
+        if spec.layout == "align":
             out["tokens"] = np.zeros((0, t), np.int64)
             out["lengths"] = np.zeros(0, np.int64)
         else:

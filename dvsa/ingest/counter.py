@@ -3,9 +3,9 @@
 A sample that cannot make a row (undecodable JPEG, no usable caption for the task, a json
 that does not parse) is dropped from the batch and counted here, never silently lost. The
 counts live in one small Ray actor owned by the process that built the dataset (the job
-driver); workers add to it (waiting for the ack, so a delivered batch's skips are counted), the driver reads it (``counts()``) after an epoch
-and logs it. Counts are cumulative over every pass over the data: a corrupt image is counted
-once per epoch.
+driver); workers add to it (waiting for the ack, so a delivered batch's skips are counted), the
+driver reads it (``counts()``) after an epoch and logs it. Counts are cumulative over every
+pass over the data: a corrupt image is counted once per epoch.
 """
 
 from __future__ import annotations

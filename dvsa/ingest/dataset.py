@@ -1,4 +1,4 @@
-"""``build_dataset``: a streaming Ray Dataset of fixed-shape batches for one split and task.
+"""``build_dataset``: a streaming Ray Dataset of fixed-shape batches for one split and row layout.
 
 Shuffling (training split): the shard files are read in a seeded random order that changes
 every pass (``FileShuffleConfig(seed, reseed_after_execution=True)``), and the train worker
@@ -12,37 +12,39 @@ keep several shards per worker. Validation and test splits are read in order, un
 
 from __future__ import annotations
 
-import posixpath
 import zlib
 from typing import Optional
 
+from dvsa.config import Config
+from dvsa.data.manifest import FeatureManifest
+from dvsa.data.shards import list_shards
 from dvsa.errors import DataError
 from dvsa.ingest.builder import ChunkedBatchBuilder, IngestSpec
 from dvsa.ingest.counter import SkipCounter
-from dvsa.ingest.samples import TASKS
+from dvsa.ingest.samples import LAYOUTS
+from dvsa.text import Vocab
 
-FEATURES_MANIFEST = "features.json"
 # Fused read+decode tasks per decode slot (data.decode_concurrency): enough for the slots to
 # balance at the end of a pass, few enough that tiny shards do not pay a task start each
-# (960 benchmark images in 16 shards, 2 slots: 1 task/slot 461-468 rows/s, 2: 516-546,
-# 4: 486-492, 8 (one per shard): 415-421; DataLoader full decode 567-603 in the same run).
+# (measured in docs/ingest.md, "Throughput").
 READ_TASKS_PER_SLOT = 2
 
 
-def resolve_task(task: str, cfg) -> str:
-    """``"caption"`` -> ``"caption_<cfg.caption.mode>"``; ``"align"`` and explicit names pass."""
-    if task == "caption":
+def resolve_layout(layout: str, cfg: Config) -> str:
+    """The row layout: ``"caption"`` -> ``"caption_<cfg.caption.mode>"``; the names of
+    :data:`dvsa.ingest.samples.LAYOUTS` pass."""
+    if layout == "caption":
         return f"caption_{cfg.caption.mode}"
-    if task in TASKS:
-        return task
-    raise DataError(f"unknown ingest task {task!r} (allowed: caption, {', '.join(TASKS)})")
+    if layout in LAYOUTS:
+        return layout
+    raise DataError(f"unknown row layout {layout!r} (allowed: caption, {', '.join(LAYOUTS)})")
 
 
-def rows_per_image(task: str, cfg) -> int:
+def rows_per_image(layout: str, cfg: Config) -> int:
     """R (caption) or M (align): the box rows of each image."""
-    if task == "caption_region":
+    if layout == "caption_region":
         return cfg.caption.max_regions_per_image
-    if task == "caption_fullframe":
+    if layout == "caption_fullframe":
         return 1
     return cfg.data.max_regions
 
@@ -54,20 +56,10 @@ def caption_len(cfg) -> int:
 
 def dataset_paths(root: str, split: str) -> list[str]:
     """The ``{split}-NNNNNN.tar`` shards under ``root``; DataError when there are none."""
-    from dvsa.data.shards import list_shards
-
     paths = list_shards(str(root), split)
     if not paths:
         raise DataError(f"{root}: no {split} shards ({split}-NNNNNN.tar)")
     return paths
-
-
-def load_features_manifest(root: str) -> dict:
-    """``features.json`` of a feature-shard directory (written by ``dvsa features``)."""
-    from dvsa.jsonfile import load_json
-
-    path = posixpath.join(str(root).rstrip("/"), FEATURES_MANIFEST)
-    return load_json(path, "no such file (run `dvsa features` first)")
 
 
 def mix_seed(seed: int, epoch: int) -> int:
@@ -75,12 +67,12 @@ def mix_seed(seed: int, epoch: int) -> int:
     return zlib.crc32(f"{int(seed)}:{int(epoch)}".encode())
 
 
-def build_dataset(shards_root_or_url: str, split: str, task: str, cfg, vocab, *, seed: int = 0,
+def build_dataset(shards_root_or_url: str, split: str, layout: str, cfg: Config, vocab: Vocab, *, seed: int = 0,
                   epoch: int = 0, shuffle: Optional[bool] = None,
                   skip_counter: Optional[SkipCounter] = None, preserve_order: bool = False):
-    """A streaming ``ray.data.Dataset`` of fixed-shape numpy rows for ``split`` and ``task``.
+    """A streaming ``ray.data.Dataset`` of fixed-shape numpy rows for ``split`` and ``layout``.
 
-    ``task``: ``"align"``, ``"caption"`` (mode from ``cfg.caption.mode``), ``"caption_region"``
+    ``layout``: ``"align"``, ``"caption"`` (mode from ``cfg.caption.mode``), ``"caption_region"``
     or ``"caption_fullframe"``. When ``cfg.data.features`` is set, rows come from those feature
     shards (``feats`` column) instead of decoding JPEGs from ``shards_root_or_url``.
     ``shuffle`` (default: ``split == "train"``) turns on the seeded shard order and seeded
@@ -93,21 +85,21 @@ def build_dataset(shards_root_or_url: str, split: str, task: str, cfg, vocab, *,
     import ray
     from ray.data import FileShuffleConfig
 
-    task = resolve_task(task, cfg)
+    layout = resolve_layout(layout, cfg)
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
     features = cfg.data.features
     feat_dim = 0
     if features:
-        fm = load_features_manifest(features)
-        feat_dim = int(fm["feat_dim"])
-        if int(fm.get("image_size", cfg.data.image_size)) != cfg.data.image_size:
-            raise DataError(f"{features}: features were computed at image_size {fm['image_size']}, "
+        fm = FeatureManifest.read(features)
+        feat_dim = fm.feat_dim
+        if fm.image_size != cfg.data.image_size:
+            raise DataError(f"{features}: features were computed at image_size {fm.image_size}, "
                             f"config has data.image_size={cfg.data.image_size}")
         root, suffixes = features, ["npy", "json"]
     else:
         root, suffixes = shards_root_or_url, ["jpg", "json"]
     paths = dataset_paths(root, split)
-    spec = IngestSpec(task=task, image_size=cfg.data.image_size, rows=rows_per_image(task, cfg),
+    spec = IngestSpec(layout=layout, image_size=cfg.data.image_size, rows=rows_per_image(layout, cfg),
                       max_len=cfg.data.max_len, seed=int(seed), epoch=int(epoch), randomize=shuffle,
                       decoder=cfg.data.jpeg_decoder, features=bool(features), feat_dim=feat_dim,
                       whole_image=bool(cfg.align.whole_image))

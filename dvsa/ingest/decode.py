@@ -50,7 +50,7 @@ def _decode_pil(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise CorruptImage(f"{type(e).__name__}: {e}") from None
     if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     hwc = np.asarray(rgb, dtype=np.uint8)            # [S, S, 3]
     return np.ascontiguousarray(hwc.transpose(2, 0, 1)), (width, height)
 

@@ -1,4 +1,4 @@
-"""One shard sample (its json) -> what one batch row holds, per task.
+"""One shard sample (its json) -> what one batch row holds, per row layout.
 
 A row is a list of *boxes*, each named by ``(kind, index)`` with kind ``"image"`` (the whole
 image), ``"region"`` (``meta["regions"][index]``) or ``"proposal"`` (``meta["proposals"][index]``),
@@ -27,16 +27,20 @@ A sample that cannot make a row raises :class:`Skip` with a reason that the call
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import numpy as np
 
-Task = Literal["caption_region", "caption_fullframe", "align"]
-TASKS = ("caption_region", "caption_fullframe", "align")
+if TYPE_CHECKING:
+    from dvsa.text import Vocab
+
+# What one batch row holds: a region caption, a full-image caption, or an image-sentence pair.
+RowLayout = Literal["caption_region", "caption_fullframe", "align"]
+LAYOUTS = ("caption_region", "caption_fullframe", "align")
 
 
 class Skip(Exception):
-    """The sample cannot make a row for this task; ``reason`` is the counter's key."""
+    """The sample cannot make a row of this layout; ``reason`` is the counter's key."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -82,25 +86,25 @@ def align_boxes(meta: dict, rows: int, whole_image: bool = True) -> list[tuple[s
     return [("image", 0)] + cands[: rows - 1]
 
 
-def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator],
+def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[np.random.Generator],
            whole_image: bool = True) -> Selection:
     """The boxes and captions of one row; raises Skip when the sample has nothing usable.
 
     ``whole_image`` (``align.whole_image``, align only): see :func:`align_boxes`."""
     regions = meta.get("regions") or []
-    if task == "caption_region":
+    if layout == "caption_region":
         usable = [i for i, r in enumerate(regions) if _has_tokens(r)]
         if not usable:
             raise Skip("no_region_caption")
         chosen = [usable[j] for j in _pick(len(usable), rows, rng)]
         return Selection([("region", i) for i in chosen], [regions[i]["tokens"] for i in chosen])
-    if task == "caption_fullframe":
+    if layout == "caption_fullframe":
         sentences = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
         if not sentences:
             raise Skip("no_sentence")
         j = 0 if rng is None else int(rng.integers(len(sentences)))
         return Selection([("image", 0)], [sentences[j]["tokens"]])
-    if task == "align":
+    if layout == "align":
         pool = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
         if not pool:
             pool = [r for r in regions if _has_tokens(r)]
@@ -108,7 +112,7 @@ def select(task: Task, meta: dict, rows: int, rng: Optional[np.random.Generator]
             raise Skip("no_sentence")
         j = 0 if rng is None else int(rng.integers(len(pool)))
         return Selection(align_boxes(meta, rows, whole_image), [pool[j]["tokens"]])
-    raise ValueError(f"unknown ingest task {task!r} (allowed: {', '.join(TASKS)})")
+    raise ValueError(f"unknown row layout {layout!r} (allowed: {', '.join(LAYOUTS)})")
 
 
 def box_of(meta: dict, kind: str, index: int, width: int, height: int) -> list[float]:
@@ -139,7 +143,8 @@ def all_feature_boxes(meta: dict, width: int, height: int) -> list[list[float]]:
     return boxes
 
 
-def encode_captions(vocab, captions: Sequence[Sequence[str]], rows: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_captions(vocab: Vocab, captions: Sequence[Sequence[str]], rows: int, max_len: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """``inputs, targets int64[rows, max_len - 1]``: ``[START, w...]`` and ``[w..., END]``, 0-padded."""
     t = max_len - 1
     inputs = np.zeros((rows, t), dtype=np.int64)
@@ -151,7 +156,7 @@ def encode_captions(vocab, captions: Sequence[Sequence[str]], rows: int, max_len
     return inputs, targets
 
 
-def encode_words(vocab, tokens: Sequence[str], max_words: int) -> tuple[np.ndarray, int]:
+def encode_words(vocab: Vocab, tokens: Sequence[str], max_words: int) -> tuple[np.ndarray, int]:
     """``int64[max_words]`` word ids (no START/END; unknown -> UNK), 0-padded, and the length."""
     ids = vocab.encode(list(tokens), max_words + 2)[1:-1]
     out = np.zeros(max_words, dtype=np.int64)

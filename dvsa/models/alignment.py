@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvsa.config import AlignConfig, ModelConfig
 from dvsa.models.encoder import FEAT_DIMS, ImageEncoder, boxes_from_padded, build_encoder
 from dvsa.models.word_vectors import init_embedding
 
@@ -54,8 +55,9 @@ def ranking_loss(S: Tensor, margin: float = 1.0, hardest: bool = False, reductio
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def pair_dots(v: Tensor, v_mask: Tensor, s: Tensor, s_mask: Tensor) -> Tensor:
-    """v_i^T s_t for every image k and sentence l: float[B, L, T, M]; masked entries are 0."""
+def pair_dots(v: Tensor, v_mask: Tensor, s: Tensor, s_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """v_i^T s_t for every image k and sentence l: (float[B, L, T, M] with masked entries 0,
+    the mask bool[B, L, T, M])."""
     dots = torch.einsum("bmh,lth->bltm", v, s)                   # [B, L, T, M]
     mask = s_mask[None, :, :, None] & v_mask[:, None, None, :]   # [B, L, T, M]
     return dots.masked_fill(~mask, 0.0), mask
@@ -143,8 +145,8 @@ class AlignmentModel(nn.Module):
     ``feat_dim``: by default the backbone's).
     """
 
-    def __init__(self, model_cfg, align_cfg, vocab_size: int, words: Optional[Sequence[str]] = None,
-                 with_encoder: bool = True, feat_dim: Optional[int] = None):
+    def __init__(self, model_cfg: ModelConfig, align_cfg: AlignConfig, vocab_size: int,
+                 words: Optional[Sequence[str]] = None, with_encoder: bool = True, feat_dim: Optional[int] = None):
         super().__init__()
         self.align_cfg = align_cfg
         self.encoder: Optional[ImageEncoder] = build_encoder(model_cfg) if with_encoder else None
@@ -222,8 +224,12 @@ class AlignmentModel(nn.Module):
                 tokens: Tensor, lengths: Tensor, feats: Optional[Tensor] = None) -> Tensor:
         """One align batch (image b with sentence b) -> S float[B, B]."""
         if feats is not None:
+            if box_mask is None:
+                raise ValueError("AlignmentModel: feats needs box_mask (which of the M rows are regions)")
             v, v_mask = self.embed_region_features(feats, box_mask.bool())
         else:
+            if images is None or boxes is None:
+                raise ValueError("AlignmentModel: pass feats, or images with boxes")
             v, v_mask = self.embed_regions(images, boxes, box_mask)
         s, s_mask = self.embed_words(tokens, lengths)
         return self.scores(v, v_mask, s, s_mask)

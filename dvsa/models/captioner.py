@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvsa.config import CaptionConfig, ModelConfig
 from dvsa.models.encoder import ImageEncoder, boxes_from_padded
 from dvsa.models.word_vectors import init_embedding
 
@@ -29,11 +30,21 @@ PAD, START, END = 0, 1, 2
 State = tuple[Tensor, ...]  # batch-first tensors: decoding reorders them with index_select
 
 
+def caption_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy averaged over occupied (non-pad) target positions; 0 if there are none."""
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree")
+    occupied = targets != PAD
+    if not occupied.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[occupied], targets[occupied])
+
+
 class Captioner(nn.Module):
     """``forward(feats float[N,feat_dim], inputs long[N,T]) -> logits float[N,T,V]``,
     ``inputs = [START, w_1, ...]``; step API ``init_state(feats)``, ``step(tokens, state)``."""
 
-    def __init__(self, model_cfg, caption_cfg, vocab_size: int, feat_dim: int,
+    def __init__(self, model_cfg: ModelConfig, caption_cfg: CaptionConfig, vocab_size: int, feat_dim: int,
                  word_log_freq: Optional[Sequence[float]] = None, words: Optional[Sequence[str]] = None):
         super().__init__()
         if caption_cfg.cell not in ("rnn", "lstm"):
@@ -102,6 +113,8 @@ class Captioner(nn.Module):
         return F.log_softmax(self.W_oh(self.drop(h)), dim=-1), state   # eq. 15
 
     # ----------------------------------------------------------------- training
+    caption_loss = staticmethod(caption_loss)
+
     def forward(self, feats: Tensor, inputs: Tensor) -> Tensor:
         """feats float[N, feat_dim], inputs long[N, T] = [START, w_1, ...] -> logits float[N, T, V]."""
         if feats.shape[0] != inputs.shape[0]:
@@ -119,19 +132,6 @@ class Captioner(nn.Module):
         return self.W_oh(self.drop(hs))                               # [N, T, V]  eq. 15
 
 
-def caption_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy averaged over occupied (non-pad) target positions; 0 if there are none."""
-    if logits.shape[:2] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree")
-    occupied = targets != PAD
-    if not occupied.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[occupied], targets[occupied])
-
-
-Captioner.caption_loss = staticmethod(caption_loss)
-
-
 class CaptioningModel(nn.Module):
     """Encoder + captioner: ``forward(images, boxes, inputs, box_mask=None) -> logits [N,T,V]``.
 
@@ -144,14 +144,16 @@ class CaptioningModel(nn.Module):
         self.encoder = encoder
         self.captioner = captioner
 
-    def region_features(self, images: Tensor, boxes, box_mask: Optional[Tensor] = None) -> Tensor:
+    def region_features(self, images: Tensor, boxes: Sequence[Tensor] | Tensor,
+                        box_mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(boxes, Tensor):
             if box_mask is None:
                 box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
             boxes = boxes_from_padded(boxes, box_mask.bool())
         return self.encoder(images, boxes)                            # [N, feat_dim]
 
-    def forward(self, images: Tensor, boxes, inputs: Tensor, box_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, images: Tensor, boxes: Sequence[Tensor] | Tensor, inputs: Tensor,
+                box_mask: Optional[Tensor] = None) -> Tensor:
         feats = self.region_features(images, boxes, box_mask)
         if inputs.dim() == 3:
             mask = box_mask.bool() if box_mask is not None else torch.ones(
@@ -160,7 +162,7 @@ class CaptioningModel(nn.Module):
         return self.captioner(feats, inputs)
 
 
-def build_captioner(model_cfg, caption_cfg, vocab_size: int, feat_dim: int,
+def build_captioner(model_cfg: ModelConfig, caption_cfg: CaptionConfig, vocab_size: int, feat_dim: int,
                     word_log_freq: Optional[Sequence[float]] = None,
                     words: Optional[Sequence[str]] = None) -> Captioner:
     return Captioner(model_cfg, caption_cfg, vocab_size, feat_dim, word_log_freq, words)

@@ -3,8 +3,9 @@
 Every decoder runs all N feature rows at once and returns ``(tokens long[N, max_len-1],
 logprob float[N])``: the generated ids (words, then END if it came, then PAD=0) and the
 caption's log probability under the model, END included (the paper sorts region captions by
-it). PAD and START are never generated. ``max_len`` bounds the encoded caption ``[START, w..., END]`` as ``data.max_len`` does, so
-at most ``max_len - 1`` ids are generated; a caption that has not ended by then is cut there.
+it). PAD and START are never generated. ``max_len`` bounds the encoded caption
+``[START, w..., END]`` as ``data.max_len`` does, so at most ``max_len - 1`` ids are generated;
+a caption that has not ended by then is cut there.
 
 Beam search keeps images x beams in one ``[N*k, ...]`` state and picks, per image, the k
 best of k*V continuations with one ``topk``; finished beams carry over with their score.
@@ -17,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dvsa.config import CaptionConfig
 from dvsa.models.captioner import END, PAD, START, Captioner, State
 
 
@@ -102,7 +104,7 @@ def beam_search(captioner: Captioner, feats: Tensor, max_len: int, beam_size: in
     seqs = torch.full((n, k, 0), PAD, dtype=torch.long, device=dev)
     done = torch.zeros(n, k, dtype=torch.bool, device=dev)
     row_base = (torch.arange(n, device=dev) * k)[:, None]             # [N, 1]
-    for t in range(steps):
+    for _ in range(steps):
         logp, state = captioner.step(prev, state)                     # [N*k, V]
         V = logp.shape[-1]
         logp = _never_generated(logp).view(n, k, V)
@@ -127,7 +129,7 @@ def beam_search(captioner: Captioner, feats: Tensor, max_len: int, beam_size: in
     return seqs[:, 0], scores[:, 0]
 
 
-def decode(captioner: Captioner, feats: Tensor, max_len: int, caption_cfg,
+def decode(captioner: Captioner, feats: Tensor, max_len: int, caption_cfg: CaptionConfig,
            generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """Decode with ``caption.decode`` (beam | greedy | sample), ``beam_size``, ``temperature``."""
     if caption_cfg.decode == "beam":

@@ -12,8 +12,8 @@ module computes it two ways (``model.region_features``):
 Both end in the same head (spatial mean for ResNets and ``tiny``, fc6/fc7 for VGG-16) and
 return ``float[sum K_b, feat_dim]``. A crop's whole conv map goes through the backbone's own
 pooling (``head.whole_map``: ResNet's global average pool; VGG-16's pool5, a max pool, to 7x7),
-so at ``crop_size`` 224 a crop's feature is exactly the torchvision model's penultimate layer. ``W_m`` is not here: the alignment model and the captioner
-own their projections of these features.
+so at ``crop_size`` 224 a crop's feature is exactly the torchvision model's penultimate layer.
+``W_m`` is not here: the alignment model and the captioner own their projections of these features.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
+from dvsa.config import ModelConfig
 from dvsa.errors import DvsaError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _load_weights(name: str, weights: str) -> dict:
 def _torch_load(path: str, key: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+    except Exception as e:  # any unreadable file is a user error here
         raise DvsaError(f"{key}: cannot read {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -133,8 +134,9 @@ def _torch_load(path: str, key: str) -> dict:
     return state
 
 
-def _build_backbone(name: str, weights: Optional[str]) -> tuple[nn.Module, nn.Module]:
+def _build_backbone(name: str, weights: Optional[str]) -> tuple[nn.Module, _MeanHead | _VggHead]:
     """(trunk: images -> conv map, head: pooled [K,C,r,r] -> [K, feat_dim])."""
+    trunk: nn.Module
     if name == "tiny":
         trunk = TinyCNN()
         if weights is not None:
@@ -148,13 +150,13 @@ def _build_backbone(name: str, weights: Optional[str]) -> tuple[nn.Module, nn.Mo
             log.warning("model.backbone=tiny: no model.weights given, initialising the CNN randomly")
         return trunk, _MeanHead()
     if name.startswith("resnet"):
-        m = _torchvision_model(name, weights)
+        m = cast(torchvision.models.ResNet, _torchvision_model(name, weights))
         trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
         return trunk, _MeanHead()
     if name == "vgg16":
-        m = _torchvision_model(name, weights)
-        trunk = nn.Sequential(*list(m.features.children())[:-1])  # conv5_3 + ReLU, stride 16
-        return trunk, _VggHead(m.classifier)
+        vgg = cast(torchvision.models.VGG, _torchvision_model(name, weights))
+        trunk = nn.Sequential(*list(vgg.features.children())[:-1])  # conv5_3 + ReLU, stride 16
+        return trunk, _VggHead(vgg.classifier)
     raise DvsaError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}")
 
 
@@ -248,7 +250,7 @@ class ImageEncoder(nn.Module):
         return torch.cat(out)                                          # [sum K, feat_dim]
 
 
-def build_encoder(model_cfg) -> ImageEncoder:
+def build_encoder(model_cfg: ModelConfig) -> ImageEncoder:
     """The encoder ``model.*`` describes (backbone, weights, trainable, region_features, sizes)."""
     return ImageEncoder(backbone=model_cfg.backbone, weights=model_cfg.weights,
                         trainable=model_cfg.trainable, region_features=model_cfg.region_features,

@@ -7,8 +7,10 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
+from dvsa.config import TrainConfig
 
-def build_optimizer(params: Iterable, train_cfg) -> torch.optim.Optimizer:
+
+def build_optimizer(params: Iterable, train_cfg: TrainConfig) -> torch.optim.Optimizer:
     """``train.optimizer``: adam | rmsprop | sgd, with ``train.lr``, ``weight_decay``
     (the L2 term alpha of eq. 9) and ``momentum`` (sgd). Frozen parameters are left out."""
     params = [p for p in params if p.requires_grad]

@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 
 from dvsa.config import Config
-from dvsa.train.loop import Task, ValidationContext, run_worker
+from dvsa.evaluation.retrieval import model_score_fn, retrieval_metrics
+from dvsa.ingest import normalize_images
+from dvsa.models.alignment import ranking_loss
+from dvsa.train.loop import Objective, ValidationContext, run_worker
 
 
 def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -24,23 +27,16 @@ def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     mask = batch["box_mask"].bool()
     if "feats" in batch:
         return model(None, None, mask, batch["tokens"], batch["lengths"], feats=batch["feats"])
-    from dvsa.ingest import normalize_images
 
     return model(normalize_images(batch["images"]), batch["boxes"], mask, batch["tokens"], batch["lengths"])
 
 
 def align_batch_loss(model: torch.nn.Module, batch: dict, cfg: Config) -> torch.Tensor:
-    from dvsa.models.alignment import ranking_loss
-
     S = _forward(model, batch).float()
     return ranking_loss(S, margin=cfg.align.margin, hardest=cfg.align.loss == "hardest")
 
 
 def validate_alignment(v: ValidationContext) -> tuple[dict, list]:
-    from dvsa.evaluation.retrieval import model_score_fn, retrieval_metrics
-    from dvsa.ingest import normalize_images
-    from dvsa.models.alignment import ranking_loss
-
     model, cfg = v.model, v.cfg
     vs, vms, ss, sms = [], [], [], []
     loss_sum, batches = 0.0, 0
@@ -72,9 +68,9 @@ def validate_alignment(v: ValidationContext) -> tuple[dict, list]:
     return metrics, []
 
 
-ALIGN_TASK = Task(name="align", loss=align_batch_loss, validate=validate_alignment)
+ALIGN_OBJECTIVE = Objective(name="align", loss=align_batch_loss, validate=validate_alignment)
 
 
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train entry for the alignment model."""
-    return run_worker(ALIGN_TASK, config)
+    return run_worker(ALIGN_OBJECTIVE, config)

@@ -17,21 +17,21 @@ from __future__ import annotations
 import torch
 
 from dvsa.config import Config
-from dvsa.train.loop import Task, ValidationContext, run_worker
+from dvsa.evaluation.captions import CaptionScorer
+from dvsa.ingest import normalize_images
+from dvsa.models.captioner import PAD, caption_loss
+from dvsa.models.decoding import decode
+from dvsa.train.loop import Objective, ValidationContext, run_worker
 
 SAMPLE_ROWS = 16   # generated captions kept for the MLflow table
 
 
 def _images(batch: dict) -> torch.Tensor:
-    from dvsa.ingest import normalize_images
-
     return normalize_images(batch["images"])
 
 
 def caption_batch_loss(model: torch.nn.Module, batch: dict, cfg: Config) -> torch.Tensor:
     """Mean cross-entropy over the occupied target positions of the batch's captions."""
-    from dvsa.models.captioner import caption_loss
-
     mask = batch["box_mask"].bool()
     if "feats" in batch:
         logits = model(batch["feats"], batch["inputs"], mask)           # [N, T, V]
@@ -48,9 +48,6 @@ def _features(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
 
 
 def validate_captions(v: ValidationContext) -> tuple[dict, list]:
-    from dvsa.models.captioner import PAD, caption_loss
-    from dvsa.models.decoding import decode
-
     cfg, vocab, model = v.cfg, v.vocab, v.model
     loss_sum, tokens = 0.0, 0
     refs: dict[str, list[str]] = {}
@@ -92,8 +89,6 @@ def validate_captions(v: ValidationContext) -> tuple[dict, list]:
     if hyps:
         scorer = v.state.get("scorer")
         if scorer is None:
-            from dvsa.evaluation.captions import CaptionScorer
-
             scorer = v.state["scorer"] = CaptionScorer()
         for name, value in scorer.score(refs, hyps).items():
             metrics[f"val/{name}"] = float(value)
@@ -102,9 +97,9 @@ def validate_captions(v: ValidationContext) -> tuple[dict, list]:
     return metrics, samples
 
 
-CAPTION_TASK = Task(name="caption", loss=caption_batch_loss, validate=validate_captions)
+CAPTION_OBJECTIVE = Objective(name="caption", loss=caption_batch_loss, validate=validate_captions)
 
 
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train entry for the captioners (``caption.mode``, ``caption.cell`` from the config)."""
-    return run_worker(CAPTION_TASK, config)
+    return run_worker(CAPTION_OBJECTIVE, config)

@@ -18,22 +18,13 @@ import numpy as np
 import torch
 
 from dvsa.config import Config, TrainConfig
+from dvsa.models.checkpoint import score_metric
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-def train_device() -> torch.device:
-    """The device Ray Train assigned to this worker (cuda:i or cpu); cpu outside Ray Train."""
-    try:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    except Exception:  # not inside a Train worker (plain PyTorch, unit tests)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -63,13 +54,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_step
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP (``prepare_model`` with one worker returns the bare module)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def score_metric(cfg: Config) -> tuple[str, str]:
-    """(metric, "max"|"min") that ranks checkpoints for best-k keeping."""
-    if cfg.task == "align":
-        return "val/rsum", "max"
-    return "val/METEOR", "max"
 
 
 def run_name(cfg: Config) -> str:

@@ -23,8 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dvsa import runtime, tracking, viz
 from dvsa.config import Config, ConfigError
+from dvsa.data.manifest import Manifest
 from dvsa.errors import DataError, DvsaError
+from dvsa.ingest import build_dataset
+from dvsa.models.checkpoint import META_FILE, score_metric
+from dvsa.text import Vocab
+from dvsa.train.common import build_trainer, run_name
+from dvsa.viz import draw_region_captions
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +61,18 @@ def shards_root(cfg: Config) -> str:
     return cfg.data.fullframe_shards or cfg.data.shards
 
 
-def _split_images(manifest: dict, split: str) -> int:
-    return int(((manifest.get("splits") or {}).get(split) or {}).get("images", 0))
-
-
-def check_inputs(cfg: Config, task: str) -> dict:
+def check_inputs(cfg: Config, task: str) -> Manifest:
     """Everything a job needs before Ray starts; returns the shards' manifest."""
-    from dvsa.data.shards import load_manifest
-
     if cfg.task != task:
         raise ConfigError(f"task: this job trains {task!r} but the config says {cfg.task!r}")
     root = shards_root(cfg)
     key = "data.shards" if root == cfg.data.shards else "data.fullframe_shards"
     if "://" not in root and not Path(root).is_dir():
         raise DataError(f"{key}: no such shard directory: {root} (run `dvsa prepare` first)")
-    manifest = load_manifest(root)
+    manifest = Manifest.read(root)
     for split in ("train", "val"):
-        if _split_images(manifest, split) <= 0:
+        if manifest.split_count(split, "images") <= 0:
             raise DataError(f"{key}: {root} has no {split} images (see its manifest.json)")
-    from dvsa.text import Vocab
 
     Vocab.load(posixpath.join(root, "vocab.json"))
     if cfg.data.features and "://" not in cfg.data.features and not Path(cfg.data.features).is_dir():
@@ -86,16 +86,14 @@ def check_inputs(cfg: Config, task: str) -> dict:
     return manifest
 
 
-def total_steps(cfg: Config, manifest: dict) -> int:
+def total_steps(cfg: Config, manifest: Manifest) -> int:
     """Optimizer steps the schedule spans: epochs x full batches per worker, capped by max_steps."""
-    per_epoch = _split_images(manifest, "train") // (cfg.data.batch_size * cfg.train.num_workers)
+    per_epoch = manifest.split_count("train", "images") // (cfg.data.batch_size * cfg.train.num_workers)
     total = max(1, per_epoch * cfg.train.epochs)
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
 def default_name(cfg: Config) -> str:
-    from dvsa.train.common import run_name
-
     if cfg.train.name:
         return cfg.train.name
     return f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -111,8 +109,6 @@ def storage_path(cfg: Config) -> str:
 
 def train(cfg: Config, task: str) -> TrainOutcome:
     """Run one training job end to end (see module doc); raises DvsaError subclasses."""
-    from dvsa import runtime, tracking
-
     manifest = check_inputs(cfg, task)
     env = runtime.quiet_environment()
     out = Path(cfg.out).resolve()
@@ -120,7 +116,7 @@ def train(cfg: Config, task: str) -> TrainOutcome:
     name = default_name(cfg)
     root = shards_root(cfg)
     uri = tracking.tracking_uri(out, cfg.mlflow.tracking_uri)
-    tags = {"task": task, "dataset": manifest.get("source", Path(root).name), tracking.TRAIN_NAME_TAG: name}
+    tags = {"task": task, "dataset": manifest.source, tracking.TRAIN_NAME_TAG: name}
     if task == "caption":
         tags.update(mode=cfg.caption.mode, cell=cfg.caption.cell)
     logger, resumed = tracking.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name or name, tags,
@@ -139,7 +135,7 @@ def train(cfg: Config, task: str) -> TrainOutcome:
         return outcome
 
 
-def make_trainer(cfg: Config, task: str, name: str, *, manifest: Optional[dict] = None,
+def make_trainer(cfg: Config, task: str, name: str, *, manifest: Optional[Manifest] = None,
                  callbacks: Optional[list] = None, env_vars: Optional[dict] = None,
                  tracking_uri: Optional[str] = None, run_id: Optional[str] = None):
     """The job's ``TorchTrainer`` (Ray must be initialised: the datasets are built here).
@@ -148,11 +144,8 @@ def make_trainer(cfg: Config, task: str, name: str, *, manifest: Optional[dict] 
     Tune trials, whose metrics reach MLflow through Tune). ``callbacks``: Ray Train
     ``UserCallback``s (e.g. Tune's ``TuneReportCallback``).
     """
-    from dvsa.data.shards import load_manifest
-    from dvsa.train.common import build_trainer
-
     root = shards_root(cfg)
-    manifest = manifest if manifest is not None else load_manifest(root)
+    manifest = manifest if manifest is not None else Manifest.read(root)
     loop_config = {
         "cfg": cfg.to_dict(),
         "vocab": posixpath.join(root, "vocab.json"),
@@ -176,9 +169,6 @@ def _loop(task: str):
 
 
 def _datasets(cfg: Config, task: str, root: str) -> dict:
-    from dvsa.ingest import build_dataset
-    from dvsa.text import Vocab
-
     vocab = Vocab.load(posixpath.join(root, "vocab.json"))
     train_ds = build_dataset(root, "train", task, cfg, vocab, seed=cfg.train.seed)
     val_ds = build_dataset(root, "val", task, cfg, vocab, seed=cfg.train.seed, shuffle=False,
@@ -203,8 +193,6 @@ def _checkpoint_path(ckpt) -> Optional[str]:
 
 
 def _outcome(cfg: Config, name: str, logger, uri: str, result, resumed: bool) -> TrainOutcome:
-    from dvsa.train.common import score_metric
-
     ret = result.return_value or {}
     metric, mode = score_metric(cfg)
     best = None
@@ -221,17 +209,13 @@ def _outcome(cfg: Config, name: str, logger, uri: str, result, resumed: bool) ->
 
 
 def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) -> None:
-    from dvsa import tracking
-    from dvsa.train.checkpoints import META_FILE
-    from dvsa.train.common import score_metric
-
     metric, mode = score_metric(cfg)
     best_metrics = {}
     if outcome.checkpoint:
         meta = Path(outcome.checkpoint) / META_FILE
         if meta.is_file():
             best_metrics = json.loads(meta.read_text()).get("metrics", {})
-        logger.set_tags({tracking.CHECKPOINT_TAG: outcome.checkpoint, "dvsa.run_dir": outcome.run_dir})
+        logger.set_tags({tracking.CHECKPOINT_TAG: outcome.checkpoint, tracking.RUN_DIR_TAG: outcome.run_dir})
     summary = {f"best/{k}": v for k, v in best_metrics.items() if k.startswith("val/")}
     summary["final/step"] = outcome.step
     summary["final/epoch"] = outcome.epoch
@@ -255,7 +239,7 @@ def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) 
             _log_picture(picture, Path(tmp) / f"regions_{picture['image_id']}.png", logger, outcome.name)
         curves = {k: logger.metric_history(k) for k in ("train/loss", "train/epoch_loss", "val/loss")}
         if any(curves.values()):
-            png = tracking.plot_curves(curves, Path(tmp) / "loss_curves.png", title=outcome.name)
+            png = viz.plot_curves(curves, Path(tmp) / "loss_curves.png", title=outcome.name)
             logger.log_artifact(png, "plots")
     shown = " ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if k.startswith("val/"))
     print(f"[{outcome.name}] done: step {outcome.step}, epoch {outcome.epoch}; {shown}\n"
@@ -266,8 +250,6 @@ def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) 
 def _log_picture(picture: dict, path: Path, logger, title: str) -> None:
     """The first validation image with its regions and the captions generated for them."""
     import numpy as np
-
-    from dvsa.viz import draw_region_captions
 
     image = np.asarray(picture["image"], dtype=np.uint8)
     draw_region_captions(image, picture["boxes"], picture["captions"], picture["scores"], path,

@@ -19,6 +19,7 @@ from ray.tune import Callback
 
 from dvsa import tracking
 from dvsa.config import from_dict
+from dvsa.tuning.trial import trial_config
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ class MlflowTrials(Callback):
 
     # ------------------------------------------------------------------ runs
     def _trial_cfg(self, trial):
-        from dvsa.tuning.trial import trial_config
-
         return trial_config(from_dict(self.base), trial.config, self.sweep, trial.trial_id, self.storage_path)
 
     def _entry(self, trial) -> dict:

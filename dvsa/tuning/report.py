@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from dvsa.config import Config
+from dvsa.tuning.space import apply_params
 
 
 @dataclass
@@ -71,8 +72,6 @@ def table_rows(rows: list[TrialRow], metric: str) -> list[dict]:
 def best_config(base: Config, params: dict) -> Config:
     """The config to train the best trial's settings: base + its values, as a fresh training
     job (no Train run name to resume, no search space left)."""
-    from dvsa.tuning.space import apply_params
-
     cfg = apply_params(base, params)
     return cfg.replace(**{"train.name": None, "mlflow.run_name": None, "tune.name": None, "tune.space": {}})
 

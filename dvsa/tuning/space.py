@@ -23,6 +23,8 @@ import typing
 from typing import Any
 
 from dvsa.config import Config, ConfigError
+from dvsa.evaluation.captions import METRICS
+from dvsa.evaluation.retrieval import KS
 
 # keys a sweep owns itself, or that would make trials write over each other
 FORBIDDEN_PREFIXES = ("tune.", "mlflow.", "ray.")
@@ -52,7 +54,8 @@ def check_sweep(cfg: Config) -> None:
     """Everything about ``tune`` that can be refused before Ray starts (one-line ConfigError)."""
     t = cfg.tune
     if not t.space:
-        raise ConfigError("tune.space: empty, nothing to sweep (e.g. tune.space: {train.lr: {loguniform: [1e-4, 1e-2]}})")
+        raise ConfigError("tune.space: empty, nothing to sweep "
+                          "(e.g. tune.space: {train.lr: {loguniform: [1e-4, 1e-2]}})")
     for key, spec in t.space.items():
         where = f"tune.space.{key}"
         if key in FORBIDDEN_KEYS or key.startswith(FORBIDDEN_PREFIXES):
@@ -80,9 +83,6 @@ def check_sweep(cfg: Config) -> None:
 def reported_metrics(task: str) -> dict[str, str]:
     """``{metric: "min" | "max"}``: what a ``task`` training run reports every epoch (what a
     sweep can rank trials by, and which way is better)."""
-    from dvsa.evaluation.captions import METRICS
-    from dvsa.evaluation.retrieval import KS
-
     out = {"val/loss": "min", "train/epoch_loss": "min"}
     if task == "align":
         out["val/rsum"] = "max"

@@ -24,13 +24,25 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dvsa import runtime, tracking
 from dvsa.config import Config
+from dvsa.data.manifest import Manifest
 from dvsa.errors import DvsaError
+from dvsa.train import launch
 from dvsa.tuning import space
-from dvsa.tuning.mlflow_callback import (BEST_TAG, EARLY_STOPPED, ERROR, FINISHED, ROLE_TAG, SWEEP_TAG,
-                                         MlflowTrials, child_runs, trial_outcome)
-from dvsa.tuning.report import (SweepOutcome, TrialRow, best_config, format_table, table_rows,
-                                write_best_config)
+from dvsa.tuning.mlflow_callback import (
+    BEST_TAG,
+    EARLY_STOPPED,
+    ERROR,
+    FINISHED,
+    ROLE_TAG,
+    SWEEP_TAG,
+    MlflowTrials,
+    child_runs,
+    trial_outcome,
+)
+from dvsa.tuning.report import SweepOutcome, TrialRow, best_config, format_table, table_rows, write_best_config
+from dvsa.tuning.trial import trial_config, trial_main
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +54,6 @@ def sweep_name(cfg: Config) -> str:
 
 def open_parent_run(uri: str, experiment: str, name: str, tags: dict):
     """``(RunLogger, resumed)``: the sweep's parent run, reopened when one with this name exists."""
-    from dvsa import tracking
-
     exp_id = tracking.prepare_store(uri, experiment)
     c = tracking.client(uri)
     q = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'sweep'"
@@ -60,9 +70,6 @@ def open_parent_run(uri: str, experiment: str, name: str, tags: dict):
 
 def run_sweep(cfg: Config) -> SweepOutcome:
     """Run (or resume) the sweep ``cfg.tune`` describes; see the module doc. Raises DvsaError."""
-    from dvsa import runtime, tracking
-    from dvsa.train import launch
-
     task = cfg.task
     space.check_sweep(cfg)
     manifest = launch.check_inputs(cfg, task)
@@ -74,8 +81,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     exp_dir = posixpath.join(storage, name)
     sweep_dir = out / "sweeps" / name
     uri = tracking.tracking_uri(out, cfg.mlflow.tracking_uri)
-    root = launch.shards_root(cfg)
-    tags = {"task": task, "dataset": manifest.get("source", Path(root).name), "search": cfg.tune.search,
+    tags = {"task": task, "dataset": manifest.source, "search": cfg.tune.search,
             "scheduler": cfg.tune.scheduler, "metric": cfg.tune.metric}
     if task == "caption":
         tags.update(mode=cfg.caption.mode, cell=cfg.caption.cell)
@@ -109,10 +115,8 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         return outcome
 
 
-def _tuner(cfg: Config, name: str, storage: str, exp_dir: str, manifest: dict, concurrent: int, callback):
+def _tuner(cfg: Config, name: str, storage: str, exp_dir: str, manifest: Manifest, concurrent: int, callback):
     from ray import tune
-
-    from dvsa.tuning.trial import trial_main
 
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=cfg.to_dict(), sweep=name, storage_path=storage, manifest=manifest),
@@ -145,8 +149,6 @@ def _ranked_value(result, metric: str, mode: str, scope: str) -> Optional[float]
 
 def _outcome(cfg: Config, name: str, exp_dir: str, uri: str, exp_id: str, parent_run_id: str, results,
              resumed: bool) -> SweepOutcome:
-    from dvsa.tuning.trial import trial_config
-
     t = cfg.tune
     runs = child_runs(uri, exp_id, parent_run_id)
     rows: list[TrialRow] = []
@@ -181,8 +183,6 @@ def _outcome(cfg: Config, name: str, exp_dir: str, uri: str, exp_id: str, parent
 
 
 def _report(cfg: Config, parent, outcome: SweepOutcome, sweep_dir: Path) -> None:
-    from dvsa import tracking
-
     sweep_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(outcome.trials, outcome.metric)
     summary = sweep_dir / "summary.txt"

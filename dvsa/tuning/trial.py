@@ -13,7 +13,10 @@ from __future__ import annotations
 import posixpath
 from typing import Optional
 
+from dvsa import runtime
 from dvsa.config import Config, from_dict
+from dvsa.data.manifest import Manifest
+from dvsa.train import launch
 from dvsa.tuning import space
 
 
@@ -36,14 +39,11 @@ def trial_config(base: Config, params: dict, sweep: str, trial_id: str, storage_
 
 
 def trial_main(params: dict, *, base: dict, sweep: str, storage_path: str,
-               manifest: Optional[dict] = None) -> None:
+               manifest: Optional[Manifest] = None) -> None:
     """The Tune trainable (wrapped by ``tune.with_parameters``); the metrics reach Tune epoch by
     epoch through ``TuneReportCallback``. A training failure raises: Tune marks the trial ERROR."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from dvsa import runtime
-    from dvsa.train import launch
 
     env = runtime.quiet_environment()
     trial_id = ray.tune.get_context().get_trial_id()

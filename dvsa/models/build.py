@@ -13,13 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from dvsa.config import Config
+from dvsa.models.captioner import Captioner, CaptioningModel, build_captioner
+from dvsa.models.encoder import FEAT_DIMS, build_encoder
+from dvsa.text import Vocab
 
 
 class FeatureCaptioningModel(nn.Module):
     """Captioner over precomputed CNN features: ``forward(feats float[B,R,D], inputs long[B,R,T],
     box_mask bool[B,R]) -> logits float[N,T,V]`` (N = masked-in rows)."""
 
-    def __init__(self, captioner: nn.Module):
+    def __init__(self, captioner: Captioner):
         super().__init__()
         self.captioner = captioner
 
@@ -29,7 +32,7 @@ class FeatureCaptioningModel(nn.Module):
         return self.captioner(feats[box_mask], inputs[box_mask])
 
 
-def build_model(cfg: Config, vocab) -> nn.Module:
+def build_model(cfg: Config, vocab: Vocab) -> nn.Module:
     """``AlignmentModel`` for ``task=align``; ``CaptioningModel(encoder, captioner)`` otherwise
     (the captioner's output biases start at the vocabulary's log word frequencies)."""
     words = list(vocab.itos)
@@ -38,8 +41,6 @@ def build_model(cfg: Config, vocab) -> nn.Module:
         from dvsa.models.alignment import AlignmentModel
 
         return AlignmentModel(cfg.model, cfg.align, len(vocab), words=words, with_encoder=not features)
-    from dvsa.models.captioner import CaptioningModel, build_captioner
-    from dvsa.models.encoder import FEAT_DIMS, build_encoder
 
     if features:
         captioner = build_captioner(cfg.model, cfg.caption, len(vocab), FEAT_DIMS[cfg.model.backbone],

@@ -1,0 +1,53 @@
+"""dvsa.ingest.torch_batches: normalisation with known values, and what the train and eval
+iterators ask of a Ray Data iterator (seeded shuffle per epoch, order kept for evaluation)."""
+
+from __future__ import annotations
+
+import torch
+
+from dvsa.ingest.dataset import mix_seed
+from dvsa.ingest.torch_batches import (IMAGENET_MEAN, IMAGENET_STD, iter_eval_batches, iter_train_batches,
+                                       normalize_images, to_model_inputs)
+
+
+class _Shard:
+    """Stands for ``ray.train.get_dataset_shard``: records the call, yields two batches."""
+
+    def __init__(self):
+        self.kwargs = None
+
+    def iter_torch_batches(self, **kwargs):
+        self.kwargs = kwargs
+        yield {"x": torch.arange(3)}
+        yield {"x": torch.arange(3, 5)}
+
+
+def test_normalize_images_is_imagenet_standardisation():
+    img = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    out = normalize_images(img)
+    want = [(0.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], (1.0 - IMAGENET_MEAN[1]) / IMAGENET_STD[1],
+            (0.2 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]]
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 2, 2)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor(want), atol=1e-6)
+    assert img.dtype == torch.uint8 and int(img[0, 1, 0, 0]) == 255     # the input is left as it was
+    batch = {"images": img, "tokens": torch.ones(1, 4, dtype=torch.long)}
+    converted = to_model_inputs(batch)
+    assert torch.equal(converted["images"], out) and converted["tokens"] is batch["tokens"]
+
+
+def test_train_batches_shuffle_with_the_epochs_seed():
+    shard = _Shard()
+    batches = list(iter_train_batches(shard, 3, "cpu", prefetch_batches=4, epoch=2, seed=7, shuffle_buffer=64,
+                                      drop_last=True))
+    assert [b["x"].tolist() for b in batches] == [[0, 1, 2], [3, 4]]
+    assert shard.kwargs == {"batch_size": 3, "prefetch_batches": 4, "device": "cpu", "drop_last": True,
+                            "pin_memory": False, "local_shuffle_buffer_size": 64,
+                            "local_shuffle_seed": mix_seed(7, 2)}
+    assert mix_seed(7, 2) != mix_seed(7, 3)
+
+
+def test_eval_batches_keep_order_and_every_row():
+    shard = _Shard()
+    list(iter_eval_batches(shard, 5, "cpu", prefetch_batches=1))
+    assert shard.kwargs["drop_last"] is False
+    assert shard.kwargs["local_shuffle_buffer_size"] is None and shard.kwargs["local_shuffle_seed"] is None
