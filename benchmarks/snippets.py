@@ -85,7 +85,7 @@ def main() -> None:
     from dvsa.data.prepare import KarpathySource, PrepareOptions, prepare_karpathy
     from dvsa.data.shards import load_vocab
     from dvsa.data.synth import SynthOptions, write_world
-    from dvsa.experiments.snippets import write_snippet_shards
+    from dvsa.experiments.snippets import SnippetOptions, write_snippet_shards
     from dvsa.models.alignment import AlignmentModel
     from dvsa.models.checkpoint import save_checkpoint
 
@@ -116,8 +116,8 @@ def main() -> None:
         try:
             for c in args.concurrency:
                 t0 = time.perf_counter()
-                m = write_snippet_shards(str(ckpt), str(shards), str(tmp / f"ray{c}"), splits=("train",),
-                                         batch_size=args.batch_size, concurrency=c)
+                m = write_snippet_shards(str(ckpt), str(shards), str(tmp / f"ray{c}"), SnippetOptions(
+                    splits=("train",), batch_size=args.batch_size, concurrency=c))
                 dt = time.perf_counter() - t0
                 k = m.written["images"]
                 rows.append({"method": f"Ray Data job, {c} actor(s)", "images": k, "seconds": round(dt, 2),

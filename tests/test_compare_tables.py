@@ -6,8 +6,14 @@ from __future__ import annotations
 import csv
 from types import SimpleNamespace
 
-from dvsa.experiments.compare import (CAPTION_COLUMNS, RETRIEVAL_COLUMNS, caption_rows, markdown, retrieval_rows,
-                                      write_csv)
+from dvsa.experiments.compare import (
+    CAPTION_COLUMNS,
+    RETRIEVAL_COLUMNS,
+    caption_rows,
+    markdown,
+    retrieval_rows,
+    write_csv,
+)
 
 
 def _run(run_id, start, tags, params=None, metrics=None):

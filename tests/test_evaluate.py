@@ -41,11 +41,11 @@ def _test_groups(shards):
 @pytest.mark.ray
 def test_every_group_is_one_query_and_metrics_equal_the_scorer(shards, vocab, scorer, ray_local, tmp_path):
     from dvsa.data.manifest import Manifest
-    from dvsa.evaluation.regions import evaluate_regions
+    from dvsa.evaluation.regions import RegionEvalOptions, evaluate_regions
 
     cfg = tiny_cfg(shards, tmp_path, "caption.cell=rnn", "model.word_dim=64", "model.hidden_dim=64")
     ckpt = save(chain_captioner(cfg, vocab, ["red", "circle"]), vocab, cfg, tmp_path / "ckpt")
-    result = evaluate_regions(str(ckpt), str(shards / "vg"), "test", num_meteor_actors=2, batch_size=4)
+    result = evaluate_regions(str(ckpt), str(shards / "vg"), "test", RegionEvalOptions(batch_size=4))
 
     groups = _test_groups(shards)
     manifest = Manifest.read(str(shards / "vg"))

@@ -12,6 +12,7 @@ from dvsa.config import Config
 from dvsa.data.groups import region_groups
 from dvsa.data.manifest import Manifest
 from dvsa.experiments.snippets import (
+    SnippetOptions,
     alignment_figure,
     first_sample,
     snippet_regions,
@@ -201,7 +202,7 @@ def snippet_job(tmp_path_factory, synth_world, ray_local):
     model = AlignmentModel(cfg.model, cfg.align, len(vocab))
     ckpt = save_checkpoint(tmp / "ckpt", model=model, step=0, epoch=0, vocab=vocab, cfg=cfg)
     out = tmp / "snippets"
-    m = write_snippet_shards(str(ckpt), str(src), str(out), splits=("train", "val"), batch_size=8)
+    m = write_snippet_shards(str(ckpt), str(src), str(out), SnippetOptions(splits=("train", "val"), batch_size=8))
     return {"src": src, "out": out, "manifest": m, "ckpt": ckpt, "src_manifest": manifest}
 
 

@@ -6,8 +6,14 @@ from __future__ import annotations
 import torch
 
 from dvsa.ingest.dataset import mix_seed
-from dvsa.ingest.torch_batches import (IMAGENET_MEAN, IMAGENET_STD, iter_eval_batches, iter_train_batches,
-                                       normalize_images, to_model_inputs)
+from dvsa.ingest.torch_batches import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    iter_eval_batches,
+    iter_train_batches,
+    normalize_images,
+    to_model_inputs,
+)
 
 
 class _Shard:

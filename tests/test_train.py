@@ -10,6 +10,16 @@ from typing import Any
 
 import pytest
 import torch
+from run_checks import (
+    CAPTION_METRICS,
+    checkpoint_epochs,
+    close,
+    coco_caption_scores,
+    retrieval_by_hand,
+    split_count,
+    steps_per_epoch,
+    validation_captions,
+)
 
 from dvsa.config import ConfigError, load_config
 from dvsa.errors import DataError, DvsaError
@@ -18,8 +28,6 @@ from dvsa.models.checkpoint import STATE_FILE, load_state, save_checkpoint
 from dvsa.models.optim import build_optimizer
 from dvsa.train import common
 from dvsa.train.loop import cap_images
-from run_checks import (CAPTION_METRICS, checkpoint_epochs, close, coco_caption_scores, retrieval_by_hand,
-                        split_count, steps_per_epoch, validation_captions)
 
 ROOT = Path(__file__).resolve().parents[1]
 

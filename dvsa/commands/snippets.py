@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dvsa import runtime
 from dvsa.errors import DvsaError
-from dvsa.experiments.snippets import checkpoint_figure, write_snippet_shards
+from dvsa.experiments.snippets import SnippetOptions, checkpoint_figure, write_snippet_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     local_out = "://" not in args.out
     ray_dir = os.environ.get("DVSA_OUT", "runs")   # an embedded Ray's temp dir: not inside the shard dir
     with runtime.ray_session(ray_dir, args.ray_address, args.num_cpus):
-        m = write_snippet_shards(args.checkpoint, args.shards, args.out, splits=splits, beta=args.beta,
-                                 include_full_image=not args.exclude_full_image, batch_size=args.batch_size,
-                                 concurrency=args.concurrency, use_gpu=args.use_gpu)
+        m = write_snippet_shards(args.checkpoint, args.shards, args.out, SnippetOptions(
+            splits=splits, beta=args.beta, include_full_image=not args.exclude_full_image,
+            batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu))
     for split, c in m.splits.items():
         print(f"{split:<6} {c.images:>7} images {c.regions:>8} snippets {c.groups:>7} groups "
               f"{m.split_count(split, 'shards'):>4} shards")

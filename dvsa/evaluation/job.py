@@ -27,7 +27,7 @@ from dvsa import runtime, tracking
 from dvsa.config import Config, ConfigError, flatten, load_config, parse_overrides
 from dvsa.errors import DataError, DvsaError
 from dvsa.evaluation.alignment_eval import evaluate_retrieval
-from dvsa.evaluation.regions import draw_examples, evaluate_regions, sample_table
+from dvsa.evaluation.regions import RegionEvalOptions, draw_examples, evaluate_regions, sample_table
 from dvsa.inference.checkpoints import load_trained, resolve_checkpoint
 from dvsa.models.checkpoint import META_FILE, load_config_file
 from dvsa.text import Vocab
@@ -106,12 +106,10 @@ def evaluate_captioner(cfg: Config, ckpt_dir: Path, req: EvalRequest, out_dir: P
     shards = cfg.data.shards if req.on == "region" else (cfg.data.fullframe_shards or cfg.data.shards)
     _check_shards(shards, "data.shards" if req.on == "region" else "data.fullframe_shards")
     with runtime.ray_session(Path(cfg.out).resolve(), cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus):
-        result = evaluate_regions(str(ckpt_dir), shards, req.split, queries=queries,
-                                  max_queries=req.max_groups, batch_size=req.batch_size,
-                                  concurrency=req.concurrency,
-                                  use_gpu=True if cfg.train.use_gpu else None,
-                                  num_meteor_actors=req.meteor_actors, decode=cfg.caption.decode,
-                                  beam_size=cfg.caption.beam_size)
+        result = evaluate_regions(str(ckpt_dir), shards, req.split, RegionEvalOptions(
+            queries=queries, max_queries=req.max_groups, batch_size=req.batch_size, concurrency=req.concurrency,
+            use_gpu=True if cfg.train.use_gpu else None, num_meteor_actors=req.meteor_actors,
+            decode=cfg.caption.decode, beam_size=cfg.caption.beam_size))
     if result.skipped:
         notes.append(f"skipped images (counted, not scored): {result.skipped}")
     if result.expected is not None and result.expected != result.queries:

@@ -230,31 +230,43 @@ def score_predictions(preds: Sequence[dict], prefix: str = "region", num_actors:
     return {f"{prefix}/{k}": float(v) for k, v in scores.items()}
 
 
-def evaluate_regions(checkpoint: str, shards: str, split: str = "test", *, queries: str = "groups",
-                     max_queries: Optional[int] = None, batch_size: int = 8, concurrency: int = 1,
-                     use_gpu: Optional[bool] = None, num_meteor_actors: int = 2,
-                     meteor_actor_cpus: float = 1.0, decode: Optional[CaptionDecode] = "beam",
-                     beam_size: Optional[int] = None, tracking_uri: Optional[str] = None) -> RegionEvalResult:
+@dataclass
+class RegionEvalOptions:
+    """How :func:`evaluate_regions` runs."""
+
+    queries: str = "groups"                  # "groups" (region/...) or "images" (fullframe/...)
+    max_queries: Optional[int] = None        # the first N queries in shard order (quick runs)
+    batch_size: int = 8                      # images per captioning call
+    concurrency: int = 1                     # captioning actors (one model each)
+    use_gpu: Optional[bool] = None           # one GPU per actor; None: when the cluster has a GPU
+    num_meteor_actors: int = 2               # Ray actors (JVMs) computing METEOR
+    meteor_actor_cpus: float = 1.0
+    decode: Optional[CaptionDecode] = "beam"  # None: the checkpoint's caption.decode
+    beam_size: Optional[int] = None          # None: the checkpoint's caption.beam_size
+
+
+def evaluate_regions(checkpoint: str, shards: str, split: str = "test",
+                     options: Optional[RegionEvalOptions] = None,
+                     tracking_uri: Optional[str] = None) -> RegionEvalResult:
     """Caption every query of ``split`` with the checkpoint's captioner and score the captions.
 
     ``checkpoint``: anything :func:`dvsa.inference.checkpoints.load_trained` accepts; it is resolved
-    to a directory on the driver and loaded by every actor. ``max_queries`` caps the queries
-    (the first ones in shard order; for quick runs). ``use_gpu`` (default: when the Ray cluster
-    has a GPU) puts one GPU under each captioning actor. Needs a connected Ray.
+    to a directory on the driver and loaded by every actor. Needs a connected Ray.
     """
     import ray
 
+    o = options or RegionEvalOptions()
     check_java()
     ckpt = resolve_checkpoint(checkpoint, tracking_uri)
-    if max_queries is not None and max_queries < 1:
-        raise DvsaError(f"max queries must be >= 1, got {max_queries}")
+    if o.max_queries is not None and o.max_queries < 1:
+        raise DvsaError(f"max queries must be >= 1, got {o.max_queries}")
     manifest = Manifest.read(shards)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    ds = prediction_dataset(str(ckpt), shards, split, queries=queries, batch_size=batch_size,
-                            concurrency=concurrency, use_gpu=use_gpu, decode=decode, beam_size=beam_size)
-    preds, skipped, capped = collect_predictions(ds, max_queries)
-    metrics = score_predictions(preds, METRIC_PREFIX[queries], num_meteor_actors, meteor_actor_cpus)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if o.use_gpu is None else o.use_gpu
+    queries = o.queries
+    ds = prediction_dataset(str(ckpt), shards, split, queries=queries, batch_size=o.batch_size,
+                            concurrency=o.concurrency, use_gpu=use_gpu, decode=o.decode, beam_size=o.beam_size)
+    preds, skipped, capped = collect_predictions(ds, o.max_queries)
+    metrics = score_predictions(preds, METRIC_PREFIX[queries], o.num_meteor_actors, o.meteor_actor_cpus)
     prefix = METRIC_PREFIX[queries]
     metrics[f"{prefix}/queries"] = float(len(preds))
     images = len({p["key"] for p in preds})

@@ -35,7 +35,7 @@ from dvsa.config import CaptionDecode, Config
 from dvsa.data.shards import iter_samples
 from dvsa.errors import DataError, DvsaError
 from dvsa.evaluation.captions import CaptionScorer, prepare
-from dvsa.evaluation.regions import evaluate_regions, query_id, sample_queries, score_predictions
+from dvsa.evaluation.regions import RegionEvalOptions, evaluate_regions, query_id, sample_queries, score_predictions
 from dvsa.inference.alignment import decode_images, embed_decoded, encode_sentences
 from dvsa.inference.checkpoints import load_trained
 from dvsa.text import Vocab
@@ -254,8 +254,8 @@ def run_table4(region_shards: str, *, captioners: Mapping[str, str], align_check
         results[NN_ROW] = score_predictions(preds, prefix="region", num_actors=1)
         counts[NN_ROW] = len(preds)
     for name, ckpt in captioners.items():
-        r = evaluate_regions(ckpt, region_shards, split, max_queries=max_queries, num_meteor_actors=1,
-                             decode=decode, tracking_uri=tracking_uri)
+        r = evaluate_regions(ckpt, region_shards, split, RegionEvalOptions(
+            max_queries=max_queries, num_meteor_actors=1, decode=decode), tracking_uri=tracking_uri)
         results[name] = {k: v for k, v in r.metrics.items() if not k.endswith("/queries")}
         counts[name] = r.queries
     if len(set(counts.values())) > 1:

@@ -229,25 +229,34 @@ class SnippetAligner:
 # --------------------------------------------------------------------------- the job
 
 
-def write_snippet_shards(checkpoint: str, shards: str, out: str, *, splits: Sequence[str] = ("train", "val"),
-                         beta: Optional[float] = None, include_full_image: bool = True,
-                         batch_size: int = 16, concurrency: int = 1, use_gpu: bool = False,
-                         shard_bytes: int = DEFAULT_SHARD_BYTES, tracking_uri: Optional[str] = None) -> Manifest:
-    """Run the batch-inference job on the running (or an embedded) Ray; write the snippet
-    shards, ``manifest.json`` and ``vocab.json`` under ``out``; return the manifest.
+@dataclass
+class SnippetOptions:
+    """How :func:`write_snippet_shards` aligns and writes."""
 
-    ``beta`` defaults to the checkpoint's ``align.mrf_beta``. ``splits`` must include train
-    and val for ``dvsa train-caption`` to accept the result.
-    """
+    splits: Sequence[str] = ("train", "val")   # train and val for `dvsa train-caption` to accept the result
+    beta: Optional[float] = None               # MRF beta; None: the checkpoint's align.mrf_beta
+    include_full_image: bool = True            # False: snippets aligned to the whole image are left out
+    batch_size: int = 16                       # images per map_batches call
+    concurrency: int = 1                       # aligner actors
+    use_gpu: bool = False                      # one GPU per aligner actor
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+def write_snippet_shards(checkpoint: str, shards: str, out: str, options: Optional[SnippetOptions] = None,
+                         tracking_uri: Optional[str] = None) -> Manifest:
+    """Run the batch-inference job on the running (or an embedded) Ray; write the snippet
+    shards, ``manifest.json`` and ``vocab.json`` under ``out``; return the manifest."""
+    o = options or SnippetOptions()
     t0 = time.perf_counter()
-    ckpt, cfg, beta = _alignment_checkpoint(checkpoint, beta, tracking_uri)
+    ckpt, cfg, beta = _alignment_checkpoint(checkpoint, o.beta, tracking_uri)
     source = Manifest.read(shards)
-    todo = _splits_to_align(shards, splits)
+    todo = _splits_to_align(shards, o.splits)
     Folder.of(out).make()
-    job = _AlignJob(str(ckpt), beta, include_full_image, use_gpu, batch_size, _actor_count(concurrency, use_gpu))
+    job = _AlignJob(str(ckpt), beta, o.include_full_image, o.use_gpu, o.batch_size,
+                    _actor_count(o.concurrency, o.use_gpu))
     counts, written = _SnippetCounts(), []
     for split in todo:
-        with ShardWriter(str(out), split, shard_bytes) as writer:
+        with ShardWriter(str(out), split, o.shard_bytes) as writer:
             for row in job.rows(shards, split):
                 meta = counts.add(split, row)
                 if meta is not None:
@@ -259,7 +268,7 @@ def write_snippet_shards(checkpoint: str, shards: str, out: str, *, splits: Sequ
     _check_source_counts(source, shards, todo, counts.tally)
     min_count = source.vocab.min_count if source.vocab is not None else 1
     params = {"checkpoint": str(ckpt), "source_shards": str(shards), "beta": beta,
-              "include_full_image": bool(include_full_image), "max_regions": cfg.data.max_regions,
+              "include_full_image": bool(o.include_full_image), "max_regions": cfg.data.max_regions,
               "image_size": cfg.data.image_size, "iou_threshold": IOU_GROUP, "min_count": min_count,
               "splits": list(todo)}
     manifest = counts.manifest(params, written, time.perf_counter() - t0)
