@@ -14,6 +14,7 @@ Sections are plain dataclasses; ``Literal[...]`` fields list their allowed value
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -380,6 +381,12 @@ _NON_NEGATIVE = {
 
 def _check_ranges(cfg: Config) -> None:
     flat = cfg.flat()
+    for key, value in flat.items():   # NaN passes every `<` check below, and inf is no setting
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    for key in ("ray.num_cpus", "ray.num_gpus"):
+        if flat[key] is not None and flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0 or null, got {flat[key]!r}")
     for key in _POSITIVE_INT:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {flat[key]!r}")

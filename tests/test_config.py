@@ -48,6 +48,11 @@ def test_override_applies_and_coerces(tmp_path):
         (["data.max_len=2"], "data.max_len: must be >= 3"),
         (["train.grad_clip_mode=elementwise"], "train.grad_clip_mode: 'elementwise' is not one of 'value', 'norm'"),
         (["align.whole_image=sometimes"], "align.whole_image: expected true or false"),
+        (["train.grad_clip=nan"], "train.grad_clip: must be a finite number, got nan"),
+        (["train.lr=nan"], "train.lr: must be a finite number, got nan"),
+        (["train.cpus_per_worker=nan"], "train.cpus_per_worker: must be a finite number"),
+        (["model.dropout=inf"], "model.dropout: must be a finite number, got inf"),
+        (["ray.num_cpus=-1"], "ray.num_cpus: must be >= 0 or null, got -1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
