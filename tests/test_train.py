@@ -121,7 +121,8 @@ def test_cli_config_errors_are_one_line(tmp_path):
         assert p.stderr.strip().splitlines() == [
             "dvsa train-caption: config error: train.optimiser: unknown key (allowed: " + p.stderr.split(
                 "(allowed: ")[1].strip()]
-    p = subprocess.run([sys.executable, "-m", "dvsa.cli", "train-align", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    p = subprocess.run([sys.executable, "-m", "dvsa.cli", "train-align", "--config", tiny,
                         f"data.fullframe_shards={tmp_path}/none", f"out={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
@@ -191,9 +192,11 @@ def _check_run(job: Job) -> int:
     assert len([p for p in Path(ref["run_dir"]).glob("checkpoint_*") if p.is_dir()]) == kept
     # MLflow: every config key as a param; the loss every log_every steps; val every val epoch
     assert run.data.params == {k: param_value(v) for k, v in cfg.flat().items()}
-    assert {"checkpoint.json", "vocab.json", "config.yaml", "plots"} <= {a.path for a in job.client.list_artifacts(job.run_id)}
+    arts = {a.path for a in job.client.list_artifacts(job.run_id)}
+    assert {"checkpoint.json", "vocab.json", "config.yaml", "plots"} <= arts
     assert [h.step for h in job.history("train/loss")] == list(range(t.log_every, steps + 1, t.log_every))
-    val_epochs = [e for e in range(1, t.epochs + 1) if e % t.val_every == 0 or e in checkpoint_epochs(t.epochs, t.checkpoint_every)]
+    ckpt_epochs = checkpoint_epochs(t.epochs, t.checkpoint_every)
+    val_epochs = [e for e in range(1, t.epochs + 1) if e % t.val_every == 0 or e in ckpt_epochs]
     assert [h.step for h in job.history("val/loss")] == [per_epoch * e for e in val_epochs]
     return per_epoch
 

@@ -103,7 +103,8 @@ def test_space_domains_and_checks(tmp_path):
            ({"tune.space": {"train.name": {"choice": ["a", "b"]}}}, "set by the sweep itself"),
            ({"tune.metric": "loss"}, "tune.metric: 'loss' is not a metric task=caption reports every epoch"),
            ({"tune.metric": "val/rsum"}, "tune.metric: 'val/rsum' is not a metric task=caption"),
-           ({"tune.metric": "val/METEOR", "tune.mode": "min"}, "tune.mode: val/METEOR is better larger: use tune.mode=max"),
+           ({"tune.metric": "val/METEOR", "tune.mode": "min"},
+            "tune.mode: val/METEOR is better larger: use tune.mode=max"),
            ({"train.use_gpu": True}, "tune.gpus_per_trial: 0, but train.use_gpu is true"),
            ({"tune.grace_period": 5}, "tune.grace_period: 5 epochs is more than train.epochs")]
     for dotted, msg in bad:
@@ -223,7 +224,8 @@ def test_asha_stops_the_bad_trials_and_mlflow_has_parent_and_children(asha_sweep
     assert parent.info.status == "FINISHED" and parent.data.tags["dvsa.role"] == "sweep"
     assert parent.data.tags["dvsa.best_trial"] == good.trial_id
     assert parent.data.metrics["trials/early_stopped"] == 3 and parent.data.metrics["trials/finished"] == 1
-    assert {"summary.txt", "best_config.yaml", "summary_table.json"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"summary.txt", "best_config.yaml", "summary_table.json"} <= arts
     kids = children(outcome.tracking_uri, outcome.parent_run_id)
     assert set(kids) == {r.trial_id for r in outcome.trials}
     for r in outcome.trials:
@@ -279,7 +281,8 @@ def test_optuna_four_concurrent_trials_lose_no_metric(ray_tune, shards, tmp_path
     spans = []
     for r in outcome.trials:
         run = kids[r.trial_id]
-        assert run.info.status == "FINISHED" and int(run.data.params["model.hidden_dim"]) == r.params["model.hidden_dim"]
+        assert run.info.status == "FINISHED"
+        assert int(run.data.params["model.hidden_dim"]) == r.params["model.hidden_dim"]
         for key in keys:                                   # every epoch of every metric, once
             assert [s for s, _ in history(outcome.tracking_uri, r.run_id, key)] == sorted(
                 {s for s, _ in history(outcome.tracking_uri, r.run_id, "epoch")}), key
