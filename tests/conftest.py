@@ -20,6 +20,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray Train's controller polls its workers every 2 s: each report, registered checkpoint and
+# the end of every fit waits for the next poll. Every Ray the tests start (and the processes
+# they spawn) inherits this environment: 0.5 s saves ~2 s per training job.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # Fixtures that start Ray (or a process that does), directly or through what they train.
@@ -88,7 +92,7 @@ def shards(synth_world, tmp_path_factory) -> Path:
 # What the demo test passes to `dvsa demo` (see demo_run). log_every=1: every step's loss is
 # logged; max_val_images=4: a region captioner validates at most 4 x 4 regions, so the run's
 # sample table (16 rows) holds every validation caption and its METEOR can be recomputed.
-DEMO_OPTIONS = dict(images=80, image_size=64, num_cpus=2)
+DEMO_OPTIONS = dict(images=48, image_size=64, num_cpus=2)
 DEMO_OVERRIDES = ["train.epochs=1", "data.image_size=32", "data.batch_size=16", "data.max_val_images=4",
                   "train.log_every=1"]
 

@@ -113,20 +113,25 @@ def test_inputs_checked_before_ray(shards, tmp_path):
         check_inputs(cfg.replace(**{"data.shards": str(empty)}), "caption")
 
 
-def test_cli_config_errors_are_one_line(tmp_path):
-    for argv in (["-m", "dvsa.cli", "train-caption"], ["-m", "jobs.train_caption"]):
-        p = subprocess.run([sys.executable, *argv, "--config", str(ROOT / "configs" / "tiny.yaml"),
-                            "train.optimiser=adam"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert p.returncode == 2
-        assert p.stderr.strip().splitlines() == [
-            "dvsa train-caption: config error: train.optimiser: unknown key (allowed: " + p.stderr.split(
-                "(allowed: ")[1].strip()]
+def test_cli_config_errors_are_one_line(tmp_path, capsys):
+    """`dvsa train-*` in this process, and the cluster's job entry point as its own process (one
+    interpreter start: the whole process prints the one line)."""
+    from dvsa.cli import main
+
+    def one_line(stderr: str) -> list:
+        return ["dvsa train-caption: config error: train.optimiser: unknown key (allowed: "
+                + stderr.split("(allowed: ")[1].strip()]
+
     tiny = str(ROOT / "configs" / "tiny.yaml")
-    p = subprocess.run([sys.executable, "-m", "dvsa.cli", "train-align", "--config", tiny,
-                        f"data.fullframe_shards={tmp_path}/none", f"out={tmp_path}"],
+    assert main(["train-caption", "--config", tiny, "train.optimiser=adam"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == one_line(err)
+    p = subprocess.run([sys.executable, "-m", "jobs.train_caption", "--config", tiny, "train.optimiser=adam"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
-    assert "data.fullframe_shards: no such shard directory" in p.stderr
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == one_line(p.stderr)
+    assert main(["train-align", "--config", tiny, f"data.fullframe_shards={tmp_path}/none", f"out={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.fullframe_shards: no such shard directory" in err[0]
     assert not (tmp_path / "ray-tmp").exists()          # refused before any Ray work
 
 

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from run_checks import steps_per_epoch
 
 pytestmark = pytest.mark.ray
 
@@ -236,26 +237,21 @@ def test_token_auth_guards_the_job_api(cluster):
 
 
 @pytest.fixture(scope="module")
-def vg_shards(tmp_path_factory) -> Path:
-    """A small synthetic world through `dvsa synth` + `dvsa prepare vg` (no Ray needed)."""
-    root = tmp_path_factory.mktemp("twonode-data")
-    dvsa = str(BIN / "dvsa")
-    subprocess.run([dvsa, "synth", "--out", str(root / "world"), "--images", "40", "--image-size", "64"],
-                   check=True, capture_output=True, timeout=300)
-    subprocess.run([dvsa, "prepare", "vg", "--root", str(root / "world" / "vg"), "--out", str(root / "vg"),
-                    "--min-count", "1", "--no-ray", "--quiet"], check=True, capture_output=True, timeout=300)
-    return root / "vg"
+def vg_shards(shards) -> Path:
+    """The session's VG shards (conftest.shards): absolute paths, readable from both nodes."""
+    return shards / "vg"
 
 
 def test_caption_job_trains_with_two_workers_across_both_nodes(cluster, vg_shards, tmp_path):
-    """`ray job submit` of the real region-captioner job: 2 workers (one per node), its MLflow
-    run FINISHED with train and validation metrics, a checkpoint in storage_path."""
+    """`ray job submit` of the real region-captioner job (RNN cell): 2 workers (one per node),
+    each training on its half of the train split; its MLflow run FINISHED with train and
+    validation metrics at the steps the manifest dictates, a checkpoint in storage_path."""
     import mlflow
 
     db = tmp_path / "mlflow.db"
     storage = tmp_path / "ray_results"
     entry = ["python", "-m", "jobs.train_caption", "--config", "configs/tiny.yaml",
-             "caption.mode=region", f"data.shards={vg_shards}", f"out={tmp_path / 'out'}",
+             "caption.mode=region", "caption.cell=rnn", f"data.shards={vg_shards}", f"out={tmp_path / 'out'}",
              "train.num_workers=2", "train.cpus_per_worker=2", "train.epochs=1", "train.log_every=1",
              f"train.storage_path={storage}", "train.name=twonode",
              f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=twonode"]
@@ -272,6 +268,18 @@ def test_caption_job_trains_with_two_workers_across_both_nodes(cluster, vg_shard
     assert len(workers) == 2, workers
     assert {a["node_id"] for a in workers} == {n["node_id"] for n in cluster.alive_nodes()}
 
+    # the train split was divided between them: each rank (one per worker process) stepped
+    # through its half in full batches of 8, once, from scratch
+    per_rank = steps_per_epoch(vg_shards, 8, workers=2)
+    assert 0 < per_rank < steps_per_epoch(vg_shards, 8)      # a worker seeing everything would step more
+    progress = tmp_path / "out" / "jobs" / "twonode" / "progress"
+    attempts = [json.loads(line) for line in (progress / "attempts.jsonl").read_text().splitlines()]
+    assert sorted((a["rank"], a["start_step"], a["resumed"]) for a in attempts) == [(0, 0, False), (1, 0, False)]
+    assert {a["pid"] for a in attempts} == {a["pid"] for a in workers}
+    for rank in (0, 1):                  # rank<R>.json: the worker's position after its last step
+        done = json.loads((progress / f"rank{rank}.json").read_text())
+        assert (done["rank"], done["step"]) == (rank, per_rank), done
+
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["twonode"], output_format="list")
     assert len(runs) == 1                                     # rank 0 logs; no run per rank
@@ -281,18 +289,24 @@ def test_caption_job_trains_with_two_workers_across_both_nodes(cluster, vg_shard
     for key in ("train/loss", "train/epoch_loss", "train/images_per_s", "val/loss", "val/METEOR"):
         assert key in run.data.metrics, (key, sorted(run.data.metrics))
     assert run.data.metrics["train/images_per_s"] > 0
+    assert (run.data.params["caption.cell"], run.data.tags["cell"]) == ("rnn", "rnn")
+    assert (run.data.metrics["final/step"], run.data.metrics["final/epoch"]) == (per_rank, 1)
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, per_rank + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [per_rank]
     assert list((storage / "twonode").glob("checkpoint_*")), "no checkpoint in storage_path"
 
 
 def test_tune_job_via_ray_job_submit(cluster, vg_shards, tmp_path):
-    """`ray job submit -- python -m jobs.tune ...`: a 2-trial sweep on the cluster, one parent
-    MLflow run with a child run per trial, and a best config written."""
+    """`ray job submit -- python -m jobs.tune ...`: a 2-trial sweep on the cluster (both trials
+    at once), one parent MLflow run with a child run per trial, each trial's epoch at the step
+    the manifest dictates, and a best config written."""
     import mlflow
 
     db = tmp_path / "mlflow.db"
     out = tmp_path / "out"
     entry = ["python", "-m", "jobs.tune", "--config", "configs/tune_tiny.yaml", "--name", "twonode-sweep",
-             "tune.num_samples=2", "tune.search=random", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+             "tune.num_samples=2", "tune.search=random", "tune.scheduler=fifo", "tune.max_concurrent_trials=2",
              "tune.cpus_per_trial=0.5", "train.epochs=1", "train.log_every=1", f"data.shards={vg_shards}",
              f"out={out}", f"train.storage_path={tmp_path / 'ray_results'}",
              f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=twonode-tune"]
@@ -308,4 +322,9 @@ def test_tune_job_via_ray_job_submit(cluster, vg_shards, tmp_path):
     assert len(parents) == 1 and len(children) == 2
     assert all(r.data.tags["mlflow.parentRunId"] in parents for r in children)
     assert all("val/loss" in r.data.metrics for r in children)
+    assert all(r.info.status == "FINISHED" and r.data.metrics["epoch"] == 1 for r in children)
+    per_epoch = steps_per_epoch(vg_shards, 8)                # tune_tiny.yaml: 1 worker, batch 8
+    for r in children:
+        assert [m.step for m in mlflow.MlflowClient(f"sqlite:///{db}").get_metric_history(
+            r.info.run_id, "val/loss")] == [per_epoch]
     assert (out / "sweeps" / "twonode-sweep" / "best_config.yaml").is_file()
