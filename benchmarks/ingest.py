@@ -7,7 +7,7 @@ loop torch batches of B rows. Arms:
   dataloader_full   webdataset + DataLoader(num_workers=C), PIL full-size decode + resize
                     (what one writes by default: the baseline)
   dataloader_draft  the same, with our reduced-size decode (PIL draft): same decode as Ray
-  ray_pil           build_dataset (read_webdataset(decoder=None) -> map_batches tasks, PIL draft)
+  ray_pil           build_dataset (ShardDatasource read -> map_batches tasks, PIL draft)
                     -> iter_train_batches (local shuffle buffer off)
   ray_torchvision   the same with torchvision.io.decode_jpeg + v2 resize
   ray_actors        the same as ray_pil with an actor pool of C decoders (the read is fused

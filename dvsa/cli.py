@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     from dvsa.config import ConfigError
-    from dvsa.errors import DvsaError
+    from dvsa.errors import DvsaError, raise_on_sigterm, was_terminated
 
+    raise_on_sigterm()
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dvsa {name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if was_terminated():
+            print(f"dvsa {name}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print(f"dvsa {name}: interrupted", file=sys.stderr)
         return 130
 

@@ -53,6 +53,9 @@ class DataConfig:
     jpeg_decoder: Literal["pil", "torchvision"] = "pil"  # pil: reduced-size draft decode
     decode_pool: Literal["tasks", "actors"] = "tasks"    # map_batches as tasks or an actor pool
     shuffle_buffer: int = 256       # rows in the local shuffle buffer of training iteration (0: off)
+    # fail the job when more than this fraction of a split's samples is skipped in one pass
+    # (corrupt JPEG, missing member, bad boxes, truncated shard...); 1.0 never fails
+    max_skip_fraction: float = 0.05
 
 
 @dataclass
@@ -115,6 +118,9 @@ class TrainConfig:
     storage_path: str = "runs/ray_results"
     name: Optional[str] = None      # Ray Train run name; the same name resumes
     max_failures: int = 2
+    # seconds to wait for the cluster to place the workers (num_workers x cpus/gpus_per_worker);
+    # then the job ends naming what is missing (0: wait forever, e.g. for a slow autoscaler)
+    start_timeout_s: float = 600.0
     checkpoint_every: int = 1       # epochs between checkpoints
     keep_checkpoints: int = 2       # best-k by the validation metric
     val_every: int = 1
@@ -374,7 +380,7 @@ _POSITIVE_INT = {
 }
 _NON_NEGATIVE = {
     "data.prefetch_batches", "data.max_val_images", "data.shuffle_buffer", "train.max_steps", "train.weight_decay",
-    "train.grad_clip", "train.max_failures", "train.momentum", "align.mrf_beta",
+    "train.grad_clip", "train.max_failures", "train.momentum", "align.mrf_beta", "train.start_timeout_s",
     "tune.gpus_per_trial",
 }
 
@@ -401,6 +407,8 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"data.max_len: must be >= 3 (START, a word, END), got {cfg.data.max_len!r}")
     if cfg.caption.temperature <= 0:
         raise ConfigError(f"caption.temperature: must be > 0, got {cfg.caption.temperature!r}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction!r}")
     if cfg.train.cpus_per_worker <= 0:
         raise ConfigError(f"train.cpus_per_worker: must be > 0, got {cfg.train.cpus_per_worker!r}")
     for key in ("tune.cpus_per_trial", "tune.driver_cpus"):

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from dvsa.errors import raise_on_sigterm
+
 log = logging.getLogger(__name__)
 
 # Environment every dvsa process (driver and Ray workers) runs with.
@@ -125,6 +127,7 @@ def ray_session(out: str | os.PathLike | None, address: Optional[str] = None, nu
                  dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env},
                  log_to_driver=log_to_driver, configure_logging=False)
         info = {"mode": "local", "address": None, "temp_dir": tmp}
+    raise_on_sigterm()    # ray.init's own handler exits without unwinding the job (its run stays RUNNING)
     try:
         yield info
     finally:

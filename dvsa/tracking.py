@@ -94,6 +94,9 @@ def param_value(v: Any) -> str:
     return s if len(s) <= MAX_PARAM_CHARS else s[: MAX_PARAM_CHARS - 3] + "..."
 
 
+WORKER_STARTS_TAG = "dvsa.worker_starts"   # how many times the training workers started in a run
+
+
 class RunLogger:
     """Appends to one existing MLflow run: params, metrics (buffered, batched), artifacts.
 
@@ -133,6 +136,20 @@ class RunLogger:
         from mlflow.entities import RunTag
 
         retry_locked(self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def record_worker_start(self, step: int, resumed: bool) -> int:
+        """Count one more start of the training workers in this run (tag
+        :data:`WORKER_STARTS_TAG`, metric ``train/worker_start`` at the step it starts from):
+        a count above one is a worker group restarted after a failure, or a resumed job.
+        Returns the count."""
+        tags = retry_locked(self._client.get_run, self.run_id).data.tags
+        try:
+            starts = int(tags.get(WORKER_STARTS_TAG, 0)) + 1
+        except ValueError:
+            starts = 1
+        self.set_tags({WORKER_STARTS_TAG: starts})
+        self.log_metrics({"train/worker_start": float(starts), "train/resumed": float(resumed)}, step)
+        return starts
 
     # ------------------------------------------------------------------ metrics
     def log_metrics(self, metrics: Mapping[str, float], step: int, flush: bool = True) -> None:
@@ -183,8 +200,9 @@ class RunLogger:
 
 @contextmanager
 def ending(run: RunLogger) -> Iterator[RunLogger]:
-    """End ``run`` when the block ends: FINISHED when it returns, KILLED on Ctrl-C, FAILED on
-    an error; failing to end the run is a warning and never masks the block's own error."""
+    """End ``run`` when the block ends: FINISHED when it returns, KILLED on Ctrl-C or SIGTERM
+    (:class:`dvsa.errors.Terminated` is a KeyboardInterrupt), FAILED on an error; failing to
+    end the run is a warning and never masks the block's own error."""
     status = "FAILED"
     try:
         yield run

@@ -105,15 +105,31 @@ def test_weights_from_a_file(tmp_path):
 
 
 def test_torchvision_weights_name_from_the_local_cache(tmp_path, monkeypatch):
+    """A weights name is read from $TORCH_HOME/hub/checkpoints/<file of its URL>, whose name ends
+    in the first hex digits of its sha256: a file whose digest does not match is refused, one
+    that matches loads."""
+    import hashlib
+    from types import SimpleNamespace
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     name = "ResNet18_Weights.IMAGENET1K_V1"
     with pytest.raises(DvsaError, match="not in the local torch cache"):
         ImageEncoder("resnet18", weights=name)
     ref = torchvision.models.resnet18(weights=None)
     url = torchvision.models.get_weight(name).url
-    ckpt = tmp_path / "hub" / "checkpoints" / os.path.basename(url)
-    ckpt.parent.mkdir(parents=True)
-    torch.save(ref.state_dict(), ckpt)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(ref.state_dict(), cache / os.path.basename(url))        # resnet18-f37072fd.pth, other bytes
+    with pytest.raises(DvsaError, match=r"resnet18-f37072fd.pth is damaged or not the published file \(its "
+                                        r"sha256 starts [0-9a-f]{8}, its name says f37072fd\); delete it and "
+                                        r"download https://download.pytorch.org/models/resnet18-f37072fd.pth again"):
+        ImageEncoder("resnet18", weights=name)
+    # the same bytes under a name that carries their own sha256 prefix: accepted and loaded
+    data = (cache / os.path.basename(url)).read_bytes()
+    ours = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (cache / ours).write_bytes(data)
+    monkeypatch.setattr(torchvision.models, "get_weight",
+                        lambda n: SimpleNamespace(url=f"https://download.pytorch.org/models/{ours}"))
     enc = ImageEncoder("resnet18", weights=name)
     assert torch.equal(enc.trunk[0].weight, ref.conv1.weight)
     assert torch.equal(enc.trunk[7][1].conv2.weight, ref.layer4[1].conv2.weight)
@@ -142,11 +158,16 @@ def test_random_init_logs_one_line(caplog):
 @pytest.mark.parametrize("backbone", ["resnet18", "vgg16"])
 def test_crop_feature_is_the_torchvision_models_penultimate_layer(backbone, tmp_path):
     """Eq. 1's CNN(I_b) at 224 px: ResNet's pooled features, VGG-16's fc7 after pool5 (a max
-    pool): the same numbers as torchvision's own model with the same weights."""
+    pool): the same numbers as torchvision's own model with the same weights, saved without the
+    1000-way classifier the encoder never uses (ResNet's fc, VGG-16's classifier.6)."""
+    from dvsa.models.encoder import CLASSIFIER_KEYS
+
     torch.manual_seed(0)
     ref = getattr(torchvision.models, backbone)(weights=None).eval()
     path = tmp_path / f"{backbone}.pt"
-    torch.save(ref.state_dict(), path)
+    trunk = {k: v for k, v in ref.state_dict().items() if not k.startswith(CLASSIFIER_KEYS[backbone])}
+    assert len(trunk) == len(ref.state_dict()) - 2
+    torch.save(trunk, path)
     enc = ImageEncoder(backbone, weights=str(path), region_features="crop", crop_size=224).eval()
     image = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

@@ -121,6 +121,10 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_resumes(ray_local, shar
     assert val_steps == [per_epoch * e for e in range(1, epochs + 1)]
     loss_steps = sorted({m.step for m in c.get_metric_history(outcome.run_id, "train/loss")})
     assert loss_steps == list(range(cfg.train.log_every, outcome.step + 1, cfg.train.log_every))
+    # the restart is in the run: two worker starts, the second from the checkpoint's step
+    assert c.get_run(outcome.run_id).data.tags["dvsa.worker_starts"] == "2"
+    starts = sorted((m.step, m.value) for m in c.get_metric_history(outcome.run_id, "train/worker_start"))
+    assert starts == [(0, 1.0), (second["start_step"], 2.0)]
 
     # re-submitting the same train.name with more epochs continues from the last checkpoint
     more = cfg.replace(**{"train.epochs": epochs + 1})
@@ -130,6 +134,7 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_resumes(ray_local, shar
     assert third["resumed"] and third["start_step"] == outcome.step and third["start_epoch"] == epochs
     assert again.step == (epochs + 1) * per_epoch and again.epoch == epochs + 1
     assert again.run_id == outcome.run_id and again.resumed      # the same MLflow run, reopened
+    assert c.get_run(again.run_id).data.tags["dvsa.worker_starts"] == "3"
     assert c.get_run(again.run_id).data.tags["changed.train.epochs"] == str(epochs + 1)
 
     # and once more, already finished (as when a driver dies after the final checkpoint): nothing

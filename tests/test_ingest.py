@@ -206,7 +206,7 @@ def test_read_and_decode_fuse_into_one_task_streaming_chunks(ray_local, shards, 
     cfg = _cfg(**{"data.decode_concurrency": 2, "data.decode_pool": pool})
     ds = build_dataset(shards, "train", "caption", cfg, VOCAB, seed=3)
     ops, sizes = _plan_and_blocks(ds)
-    assert len(ops) == 1 and "ReadWebDataset->MapBatches(ChunkedBatchBuilder)" in ops[0], ops
+    assert len(ops) == 1 and "ReadShard->MapBatches(ChunkedBatchBuilder)" in ops[0], ops
     assert sum(sizes) == 22 and max(sizes) <= 4
     # one val shard < 2 slots: tasks split the read into blocks decoded by separate map tasks;
     # actors still fuse (2 actors on 2 CPUs would starve separate read tasks); in order

@@ -27,7 +27,7 @@ def test_vg_image_data_and_regions(tmp_path):
         {"id": 3, "regions": "not a list"},
     ])
     data = vg.read_image_data(str(tmp_path))
-    assert data[1] == {"width": 800, "height": 600, "coco_id": None, "relpath": "VG_100K_2/1.jpg"}
+    assert data[1] == {"width": 800, "height": 600, "coco_id": None, "flickr_id": 5, "relpath": "VG_100K_2/1.jpg"}
     assert data[2]["relpath"] is None and data[2]["coco_id"] == 9
     entries = list(vg.iter_region_entries(str(tmp_path)))
     assert [(e[0], len(e[1]), e[2]) for e in entries] == [(1, 1, 0), (2, 1, 1), (None, 0, 2)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -328,3 +329,19 @@ def test_tune_job_via_ray_job_submit(cluster, vg_shards, tmp_path):
         assert [m.step for m in mlflow.MlflowClient(f"sqlite:///{db}").get_metric_history(
             r.info.run_id, "val/loss")] == [per_epoch]
     assert (out / "sweeps" / "twonode-sweep" / "best_config.yaml").is_file()
+
+
+def test_a_job_the_cluster_cannot_place_ends_naming_what_is_missing(cluster, vg_shards, tmp_path):
+    """4 workers x 2 CPUs, more than the two nodes have: a joined cluster might grow (autoscaler), so
+    the job waits train.start_timeout_s, then fails in one line naming the request and the
+    cluster, instead of Ray Train's endless retry."""
+    entry = ["python", "-m", "jobs.train_align", "--config", "configs/tiny.yaml", f"data.shards={vg_shards}",
+             f"data.fullframe_shards={vg_shards}", f"out={tmp_path / 'out'}", "train.num_workers=4",
+             "train.cpus_per_worker=2", "train.start_timeout_s=4", f"train.storage_path={tmp_path / 'rr'}",
+             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    res = cluster.submit(entry, "dvsa-twonode-toolarge", cwd=REPO,
+                         runtime_env=["--runtime-env", "cluster/runtime_env.yaml"])
+    assert res.returncode != 0 and cluster.job_status("dvsa-twonode-toolarge") == "FAILED"
+    logs = cluster.job_logs("dvsa-twonode-toolarge")
+    assert re.search(r"dvsa train-align: error: train.start_timeout_s=4: the cluster could not place 4 "
+                     r"worker\(s\) of \{CPU 2\} in time; its 2 node\(s\) have CPU \d+ \| CPU \d+ ", logs), logs[-3000:]

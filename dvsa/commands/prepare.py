@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dvsa.data.image_files import DEFAULT_MAX_IMAGE_BYTES
 from dvsa.data.manifest import DEFAULT_SHARD_BYTES
 from dvsa.data.prepare import (
     DEFAULT_CHUNK_IMAGES,
@@ -25,6 +26,11 @@ def _common(p) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
     p.add_argument("--verify", choices=("decode", "markers"), default="decode",
                    help="check each JPEG by decoding it (default, at 1/8 scale) or by its markers only (faster)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="a larger image file is dropped as too_large without being read (default 64 MiB)")
+    p.add_argument("--recheck", choices=("sha256", "size"), default="sha256",
+                   help="how a re-run checks the shards of finished chunks before skipping them: "
+                        "size and sha256 (default; reads each shard again) or size only")
     p.add_argument("--no-ray", action="store_true", help="process chunks in this process (debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -54,8 +60,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     options = PrepareOptions(shard_bytes=args.shard_bytes, max_side=args.max_side, chunk_images=args.chunk_images,
-                             verify=args.verify, address=args.address, num_cpus=args.num_cpus,
-                             use_ray=not args.no_ray, progress=not args.quiet)
+                             verify=args.verify, max_image_bytes=args.max_image_bytes, recheck=args.recheck,
+                             address=args.address, num_cpus=args.num_cpus, use_ray=not args.no_ray,
+                             progress=not args.quiet)
     if args.source == "vg":
         m = prepare_vg(VGSource(args.root, split_file=args.split_file, val_images=args.val_images,
                                 test_images=args.test_images, karpathy_shards=args.karpathy_shards,

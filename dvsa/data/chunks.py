@@ -3,8 +3,10 @@
 A chunk writes its own shards, numbered ``chunk * STRIDE + k`` (``train-004002.tar`` is the
 third train shard of chunk 4), each atomically, and last a completion record
 ``_chunks/chunk-NNNNNN.json`` holding what it wrote, counted and dropped. A re-run skips
-chunks whose record matches (same parameters, same images); an unfinished chunk first removes
-whatever a killed run left of it, then redoes it, so no sample is lost or duplicated.
+chunks whose record matches (same parameters, same images) while the shards it lists are on
+disk as recorded (:func:`shard_problem`: size, and sha256 unless told not to); an unfinished
+or damaged chunk first removes whatever is left of it, then is redone, so no sample is lost or
+duplicated.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ import fsspec
 
 from dvsa.boxes import clip_box, is_degenerate
 from dvsa.data.groups import region_groups
+from dvsa.data.image_files import DEFAULT_MAX_IMAGE_BYTES, Refused, read_image
 from dvsa.data.images import BadImage, StoredImage, prepare_image
 from dvsa.data.manifest import ShardRecord, SplitCounts, Tally, split_counts_from_dicts
 from dvsa.data.shards import SHARD_RE, ShardWriter
+from dvsa.data.vg import region_id_of
 from dvsa.files import write_json_atomic
 from dvsa.text import clean_caption
 
 STRIDE = 1000          # shard numbers reserved per chunk (and split)
 RECORDS = "_chunks"
+ASPECT_TOLERANCE = 0.02  # file vs image_data.json size: the same aspect ratio within 2% is a resized copy
 
 
 def record_path(base: str, chunk: int) -> str:
@@ -97,18 +102,76 @@ def _number(v) -> bool:
     return t is int or t is float
 
 
-def _read_first(paths) -> bytes:
-    """Bytes of the first of ``paths`` that exists; FileNotFoundError if none does."""
-    for p in paths:
-        try:
-            if "://" not in p:
-                with open(p, "rb") as f:
-                    return f.read()
-            with fsspec.open(p, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            continue
-    raise FileNotFoundError(paths[0] if paths else "no path")
+def shard_sizes(fs, base: str) -> dict[str, int]:
+    """``{file name: size}`` of the shards under ``base`` (one listing)."""
+    if not fs.exists(base):
+        return {}
+    return {posixpath.basename(e["name"]): e.get("size") for e in fs.ls(base, detail=True)
+            if SHARD_RE.match(posixpath.basename(e["name"]))}
+
+
+def shard_problem(fs, base: str, shards: Sequence[dict], sizes: dict[str, int], check_sha256: bool) -> str | None:
+    """Why the shards a completion record lists are not on disk as recorded (None when they
+    are): a missing file, another size, or (``check_sha256``: each file is read again) other
+    bytes. ``sizes``: :func:`shard_sizes` of ``base``."""
+    for s in shards:
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str):
+            return f"a shard record without a name: {s!r}"
+        size, sha = s.get("bytes"), s.get("sha256")
+        if name not in sizes:
+            return f"{name} is missing"
+        if size is not None and sizes[name] != size:
+            return f"{name} has {sizes[name]} bytes, its record says {size}"
+        if check_sha256 and sha and _sha256(fs, posixpath.join(base, name)) != sha:
+            return f"{name}'s sha256 differs from its record"
+    return None
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class DropLog:
+    """Image drops by split and reason, and per split the first path tried for each reason:
+    what the end of ``dvsa prepare`` reports when a split loses most of its images."""
+
+    by_split: dict[str, Counter] = field(default_factory=dict)
+    examples: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def note(self, split: str | None, reason: str, path: str | None) -> None:
+        if split is None:
+            return
+        self.by_split.setdefault(split, Counter())[reason] += 1
+        if path is not None:
+            self.examples.setdefault(split, {}).setdefault(reason, path)
+
+    def example(self, reason: str, split: str | None = None) -> str | None:
+        """The first path tried among the images ``reason`` dropped from ``split`` (from any
+        split when ``split`` is None)."""
+        splits = [split] if split is not None else sorted(self.examples)
+        return next((self.examples[s][reason] for s in splits if reason in self.examples.get(s, {})), None)
+
+    def add(self, other: "DropLog") -> None:
+        for split, reasons in other.by_split.items():
+            self.by_split.setdefault(split, Counter()).update(reasons)
+        for split, paths in other.examples.items():
+            for reason, path in paths.items():
+                self.examples.setdefault(split, {}).setdefault(reason, path)
+
+    def to_dict(self) -> dict:
+        return {"by_split": {s: dict(sorted(c.items())) for s, c in sorted(self.by_split.items())},
+                "examples": {s: dict(sorted(p.items())) for s, p in sorted(self.examples.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DropLog":
+        return cls({s: Counter(c) for s, c in d.get("by_split", {}).items()},
+                   {s: dict(p) for s, p in d.get("examples", {}).items()})
 
 
 @dataclass
@@ -123,11 +186,18 @@ class ChunkCounts:
     train_captions: int = 0
     coco_ids: dict[str, list] = field(default_factory=dict)
     bytes_in: int = 0
+    drops: DropLog = field(default_factory=DropLog)
 
-    def drop_item(self, it: dict, reason: str) -> None:
-        """The whole image goes, with its regions and sentences."""
+    def drop_item(self, it: dict, reason: str, path: str | None = None) -> None:
+        """The whole image goes, with its regions and sentences (``path``: the file tried)."""
         self.tally.drop(reason, images=1, regions=len(it.get("regions") or ()),
                         sentences=len(it.get("sentences") or ()))
+        self.drops.note(it.get("split"), reason, path)
+
+    def drop_image(self, it: dict, reason: str) -> None:
+        """The image goes; its regions and sentences were dropped (and counted) one by one."""
+        self.tally.drop(reason, images=1)
+        self.drops.note(it.get("split"), reason, None)
 
     def written(self, meta: dict) -> None:
         split = meta["split"]
@@ -152,13 +222,14 @@ class ChunkCounts:
         for split, ids in rec["coco_ids"].items():
             self.coco_ids.setdefault(split, []).extend(ids)
         self.bytes_in += rec["bytes_in"]
+        self.drops.add(DropLog.from_dict(rec.get("drops", {})))
 
     def record(self, chunk: int, fp: str, shards: list[ShardRecord]) -> dict:
         """The completion record (JSON): what the chunk wrote, counted and dropped."""
         return {"chunk": chunk, "fingerprint": fp, "shards": [s.to_dict() for s in shards],
                 "counts": {s: c.to_dict() for s, c in self.splits.items()}, **self.tally.to_dict(),
                 "info": dict(self.info), "tokens": dict(self.tokens), "train_captions": self.train_captions,
-                "coco_ids": self.coco_ids, "bytes_in": self.bytes_in,
+                "coco_ids": self.coco_ids, "bytes_in": self.bytes_in, "drops": self.drops.to_dict(),
                 "worker_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
@@ -166,8 +237,9 @@ def process_chunk(chunk: int, items: list[dict], out: str, params: dict, fp: str
     """Write the shards of one chunk and its completion record; return the record.
 
     ``items``: one dict per image: ``image_id, split, source, paths (candidate files, first found wins),
+    path_kinds (optional, one per path: how it was derived, counted as info found_by_<kind>),
     coco_id, meta_size ([w, h] or None), regions (raw VG dicts), sentences (raw str or None),
-    proposals (list or None)``.
+    proposals (list or None)``, and optionally ``file_name``, ``flickr_id`` (kept in the json).
     """
     fs, base = fsspec.core.url_to_fs(out)
     fs.makedirs(posixpath.join(base, RECORDS), exist_ok=True)
@@ -200,84 +272,128 @@ def process_chunk(chunk: int, items: list[dict], out: str, params: dict, fp: str
 
 
 def build_sample(it: dict, params: dict, counts: ChunkCounts) -> tuple[bytes, dict] | None:
-    """The stored JPEG and the json of one item; None when the item is dropped (counted)."""
-    img = _stored_image(it, params, counts)
-    if img is None:
+    """The stored JPEG and the json of one item; None when the item is dropped (counted).
+    What it notes (``info``: how the file was found, re-encoded, boxes clipped...) is counted
+    only when the sample is written."""
+    stored = _stored_image(it, params, counts)
+    if stored is None:
         return None
-    regions = _clean_regions(it.get("regions") or (), img, counts)
+    img, notes = stored
+    to_file = _metadata_scale(it.get("meta_size"), img, notes)
+    regions = _clean_regions(it.get("regions") or (), img, to_file, counts.tally, notes)
     sentences = _clean_sentences(it.get("sentences") or (), counts.tally)
     if it["source"] == "vg" and not regions:
-        counts.tally.drop("no_valid_regions", images=1)
+        counts.drop_image(it, "no_valid_regions")
         return None
     if it["source"] == "karpathy" and not sentences:
-        counts.tally.drop("no_valid_captions", images=1)
+        counts.drop_image(it, "no_valid_captions")
         return None
     meta = {"image_id": it["image_id"], "source": it["source"], "split": it["split"],
             "width": img.width, "height": img.height, "coco_id": it.get("coco_id"),
+            **{k: it[k] for k in ("file_name", "flickr_id") if k in it},
             "regions": regions, "groups": region_groups(regions, params["iou_threshold"]), "sentences": sentences}
     if it.get("proposals") is not None:
-        meta["proposals"] = _clean_proposals(it["proposals"], img, counts.info)
+        meta["proposals"] = _clean_proposals(it["proposals"], img, notes)
+    counts.info.update(notes)
     return img.data, meta
 
 
-def _stored_image(it: dict, params: dict, counts: ChunkCounts) -> StoredImage | None:
-    """The item's image as it will be stored; None when it is missing, unreadable or corrupt."""
+def _stored_image(it: dict, params: dict, counts: ChunkCounts) -> tuple[StoredImage, Counter] | None:
+    """The item's image as it will be stored and what to note about it; None when it is
+    missing, refused (not a regular file, too large), unreadable or corrupt (counted)."""
+    paths = it.get("paths") or ()
     try:
-        raw = _read_first(it.get("paths") or ())
+        index, raw = read_image(paths, params.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES))
     except FileNotFoundError:
-        counts.drop_item(it, "missing_file")
+        counts.drop_item(it, "missing_file", paths[0] if paths else None)
         return None
-    except OSError:
-        counts.drop_item(it, "unreadable_file")
+    except Refused as e:
+        counts.drop_item(it, e.reason, e.path)
+        return None
+    except OSError as e:
+        counts.drop_item(it, "unreadable_file", e.filename if isinstance(e.filename, str) else None)
         return None
     counts.bytes_in += len(raw)
     try:
         img = prepare_image(raw, params.get("max_side"), params.get("verify", "decode"))
     except BadImage:
-        counts.drop_item(it, "corrupt_image")
+        counts.drop_item(it, "corrupt_image", paths[index])
         return None
+    notes: Counter = Counter()
+    kinds = it.get("path_kinds")
+    if kinds:
+        notes[f"found_by_{kinds[index]}"] += 1
     if img.action != "copied":
-        counts.info[f"images_{img.action}"] += 1
-    ms = it.get("meta_size")
-    if ms and (ms[0], ms[1]) != (img.orig_width, img.orig_height):
-        counts.info["size_differs_from_metadata"] += 1
-    return img
+        notes[f"images_{img.action}"] += 1
+    return img, notes
 
 
-def _clean_regions(raw_regions: Sequence, img: StoredImage, counts: ChunkCounts) -> list[dict]:
-    """VG region dicts -> ``{id, box, raw, tokens}`` with the box clipped to the image and
-    scaled to the stored JPEG; malformed, empty-caption and degenerate regions dropped."""
+def _metadata_scale(meta_size, img: StoredImage, notes: Counter) -> tuple[float, float]:
+    """What maps box coordinates given in image_data.json's size onto the file's pixels.
+    (1, 1) when the sizes agree, or when they differ in aspect ratio too (the boxes are then
+    clipped to the file); the file / metadata ratio when the file is a resized copy (a
+    pre-resized VG mirror), noted as ``boxes_rescaled_to_file``."""
+    if not meta_size:
+        return 1.0, 1.0
+    mw, mh = meta_size
     W, H = img.orig_width, img.orig_height
+    if (mw, mh) == (W, H):
+        return 1.0, 1.0
+    notes["size_differs_from_metadata"] += 1
+    sx, sy = W / mw, H / mh
+    if abs(sx - sy) > ASPECT_TOLERANCE * max(sx, sy):
+        return 1.0, 1.0
+    notes["boxes_rescaled_to_file"] += 1
+    return sx, sy
+
+
+def _region_fields(r) -> tuple | None:
+    """``(id, phrase, x, y, width, height)`` of a VG region dict (v1.2 or v1.0 spelling), or
+    None when it is malformed."""
+    if not isinstance(r, dict):
+        return None
+    rid, phrase = region_id_of(r), r.get("phrase")
+    x, y, bw, bh = r.get("x"), r.get("y"), r.get("width"), r.get("height")
+    if type(phrase) is not str or type(rid) is not int or not (
+            _number(x) and _number(y) and _number(bw) and _number(bh)):
+        return None
+    return rid, phrase, x, y, bw, bh
+
+
+def _clean_regions(raw_regions: Sequence, img: StoredImage, to_file: tuple[float, float], tally: Tally,
+                   notes: Counter) -> list[dict]:
+    """VG region dicts -> ``{id, box, raw, tokens}``: the box mapped onto the file
+    (``to_file``: :func:`_metadata_scale`), clipped to it and scaled to the stored JPEG;
+    malformed, empty-caption and degenerate regions dropped (counted in ``tally``)."""
+    W, H = img.orig_width, img.orig_height
+    mx, my = to_file
     sx, sy = img.scale
+    rescaled = (mx, my) != (1.0, 1.0) or (sx, sy) != (1.0, 1.0)
     regions = []
     for r in raw_regions:
-        try:
-            phrase, rid = r["phrase"], r["region_id"]
-            x, y, bw, bh = r["x"], r["y"], r["width"], r["height"]
-        except (TypeError, KeyError):
-            counts.tally.drop("bad_region", regions=1)
+        fields = _region_fields(r)
+        if fields is None:
+            tally.drop("bad_region", regions=1)
             continue
-        if type(phrase) is not str or type(rid) is not int or not (
-                _number(x) and _number(y) and _number(bw) and _number(bh)):
-            counts.tally.drop("bad_region", regions=1)
-            continue
+        rid, phrase, x, y, bw, bh = fields
         toks = clean_caption(phrase)
         if not toks:
-            counts.tally.drop("empty_caption", regions=1)
+            tally.drop("empty_caption", regions=1)
             continue
+        if (mx, my) != (1.0, 1.0):
+            x, y, bw, bh = x * mx, y * my, bw * mx, bh * my
         x2, y2 = x + bw, y + bh
         cx1, cy1 = (0 if x < 0 else W if x > W else x), (0 if y < 0 else H if y > H else y)
         cx2, cy2 = (0 if x2 < 0 else W if x2 > W else x2), (0 if y2 < 0 else H if y2 > H else y2)
         if not (cx2 > cx1 and cy2 > cy1):
-            counts.tally.drop("degenerate_box", regions=1)
+            tally.drop("degenerate_box", regions=1)
             continue
-        clipped = [cx1, cy1, cx2, cy2]
+        box = [cx1, cy1, cx2, cy2]
         if cx1 != x or cy1 != y or cx2 != x2 or cy2 != y2:
-            counts.info["boxes_clipped"] += 1
-        if (sx, sy) != (1.0, 1.0):
-            clipped = [round(clipped[0] * sx, 2), round(clipped[1] * sy, 2),
-                       round(clipped[2] * sx, 2), round(clipped[3] * sy, 2)]
-        regions.append({"id": rid, "box": clipped, "raw": phrase, "tokens": toks})
+            notes["boxes_clipped"] += 1
+        if rescaled:
+            box = [round(box[0] * sx, 2), round(box[1] * sy, 2), round(box[2] * sx, 2), round(box[3] * sy, 2)]
+        regions.append({"id": rid, "box": box, "raw": phrase, "tokens": toks})
     return regions
 
 
@@ -296,18 +412,18 @@ def _clean_sentences(raw_sentences: Sequence, tally: Tally) -> list[dict]:
     return sentences
 
 
-def _clean_proposals(proposals: Sequence, img: StoredImage, info: Counter) -> list[list[float]]:
+def _clean_proposals(proposals: Sequence, img: StoredImage, notes: Counter) -> list[list[float]]:
     """Detection boxes clipped to the image and scaled to the stored JPEG; malformed and
-    degenerate ones dropped (counted in ``info``)."""
+    degenerate ones dropped (noted as ``proposals_dropped``)."""
     sx, sy = img.scale
     kept = []
     for p in proposals:
         if not (isinstance(p, list) and len(p) == 4 and all(_number(v) for v in p)):
-            info["proposals_dropped"] += 1
+            notes["proposals_dropped"] += 1
             continue
         c = clip_box(p, img.orig_width, img.orig_height)
         if is_degenerate(c):
-            info["proposals_dropped"] += 1
+            notes["proposals_dropped"] += 1
             continue
         kept.append([round(c[0] * sx, 2), round(c[1] * sy, 2), round(c[2] * sx, 2), round(c[3] * sy, 2)])
     return kept

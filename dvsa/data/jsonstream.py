@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator
+from typing import Any, Generator
 
 import fsspec
 import ijson
@@ -52,7 +52,7 @@ def _parser_words(e: Exception) -> str:
     return lines[0] + (f" near: {lines[1]}" if len(lines) > 1 else "")
 
 
-def iter_items(path: str, prefix: str = "item") -> Iterator[Any]:
+def iter_items(path: str, prefix: str = "item") -> Generator[Any, None, None]:
     """Yield each element under ``prefix`` (ijson syntax: ``item`` = top-level list elements,
     ``images.item`` = elements of the top-level key ``images``), floats as float.
 
@@ -75,3 +75,40 @@ def iter_items(path: str, prefix: str = "item") -> Iterator[Any]:
                         f"(the parser had read {counting.pos} bytes of the file): {_parser_words(e)}") from None
     finally:
         f.close()
+
+
+_KINDS = {"start_array": "a list", "start_map": "an object", "string": "a string", "number": "a number",
+          "boolean": "a boolean", "null": "null"}
+
+
+def top_level(path: str) -> str:
+    """What the document's top level is, in words: ``"a list"``, ``"an object"``, ``"a
+    string"``, ...; reads only the first token. DataError for a missing, empty or non-JSON file."""
+    try:
+        f = fsspec.open(str(path), "rb").open()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    try:
+        for _, event, _ in BACKEND.parse(f):
+            return _KINDS.get(event, event)
+        raise DataError(f"{path}: empty file, not JSON")
+    except ijson.JSONError as e:
+        raise DataError(f"{path}: not JSON: {_parser_words(e)}") from None
+    finally:
+        f.close()
+
+
+def expect_list(path: str, what: str) -> None:
+    """DataError unless the top level of ``path`` is a list (``what``: its elements, for the message)."""
+    kind = top_level(path)
+    if kind != "a list":
+        raise DataError(f"{path}: the top level is {kind}, not a list of {what}")
+
+
+def first_item(path: str, prefix: str = "item") -> Any:
+    """The first element under ``prefix`` (:func:`iter_items`), or None when there is none."""
+    items = iter_items(path, prefix)
+    try:
+        return next(items, None)
+    finally:
+        items.close()

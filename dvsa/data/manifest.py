@@ -11,7 +11,8 @@ the manifest. :class:`Manifest` is ``manifest.json`` as one typed object:
 - every shard (:class:`ShardRecord`): its split, sample count, size and sha256;
 - the vocabulary section, and other sections (``coco_ids``, ``info``, ``run``, ``leakage``...).
 
-``Manifest.read`` turns every problem into a one-line :class:`DataError`; ``Manifest.write``
+``Manifest.read`` turns every problem into a one-line :class:`DataError`, and so does
+``Manifest.check_shards`` for a listed shard that is absent or of another size; ``Manifest.write``
 writes ``vocab.json`` and then ``manifest.json``, each atomically. The JSON keys are those of
 every shard set written so far (shard checksums added), so existing sets still read.
 """
@@ -19,6 +20,7 @@ every shard set written so far (shard checksums added), so existing sets still r
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
@@ -356,6 +358,24 @@ class Manifest:
         DataError line naming the file."""
         d, parser = _read_document(root_or_url, MANIFEST, "no such file (run `dvsa prepare` first)")
         return cls._parse(d, parser)
+
+    def check_shards(self, root_or_url: str) -> None:
+        """DataError (one line, naming the first) when a shard this manifest lists is not in
+        ``root_or_url`` or has another size than recorded (one listing; no file is read)."""
+        folder = Folder.of(root_or_url)
+        try:
+            sizes = {posixpath.basename(e["name"]): e.get("size") for e in folder.fs.ls(folder.path, detail=True)}
+        except FileNotFoundError:
+            raise DataError(f"{root_or_url}: no such shard directory") from None
+        absent = [s.name for s in self.shards if s.name not in sizes]
+        redo = f"re-run the `dvsa {'snippets' if self.source == 'snippets' else 'prepare'}` command that wrote it"
+        if absent:
+            raise DataError(f"{folder.url(MANIFEST)}: lists {len(absent)} shard(s) not in {root_or_url} "
+                            f"(first: {absent[0]}); {redo}")
+        for s in self.shards:
+            if s.size is not None and sizes[s.name] != s.size:
+                raise DataError(f"{folder.url(MANIFEST)}: {s.name} has {sizes[s.name]} bytes, the manifest says "
+                                f"{s.size} (truncated or replaced?); {redo}")
 
     def write(self, root_or_url: str, vocab: "Vocab | None" = None) -> None:
         """Check the balance, then write ``vocab.json`` (when given; the vocab section is set

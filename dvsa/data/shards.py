@@ -270,7 +270,7 @@ def parse_row(batch: Mapping[str, Any], i: int, payload: str = "jpg") -> RawSamp
 def _member(batch: Mapping[str, Any], column: str, i: int) -> bytes:
     values = batch.get(column)
     value = None if values is None else values[i]
-    if value is None:
+    if value is None or isinstance(value, float):   # no such member (pandas fills NaN)
         return b""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)

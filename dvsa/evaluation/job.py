@@ -28,8 +28,8 @@ from dvsa.config import Config, ConfigError, flatten, load_config, parse_overrid
 from dvsa.errors import DataError, DvsaError
 from dvsa.evaluation.alignment_eval import evaluate_retrieval
 from dvsa.evaluation.regions import RegionEvalOptions, draw_examples, evaluate_regions, sample_table
-from dvsa.inference.checkpoints import load_trained, resolve_checkpoint
-from dvsa.models.checkpoint import META_FILE, load_config_file
+from dvsa.inference.checkpoints import check_checkpoint, load_trained
+from dvsa.models.checkpoint import META_FILE
 from dvsa.text import Vocab
 
 # keys of the evaluation environment (the rest of the config is the trained model's)
@@ -177,8 +177,8 @@ def evaluate_checkpoint(req: EvalRequest) -> EvalOutcome:
         raise DvsaError(f"--max-groups must be >= 1, got {req.max_groups}")
     env, given = environment_config(req.config_file, req.overrides)
     uri = tracking.tracking_uri(Path(env.out).resolve(), env.mlflow.tracking_uri)
-    ckpt_dir = resolve_checkpoint(req.checkpoint, uri)
-    cfg = merged_config(load_config_file(ckpt_dir), env, given)
+    ckpt_dir, trained = check_checkpoint(req.checkpoint, uri)   # a bad checkpoint: one line, before MLflow and Ray
+    cfg = merged_config(trained, env, given)
     if not tracking.is_run_id(req.checkpoint):
         # a path: the run lives where its training logged it (unless told otherwise)
         uri = tracking.tracking_uri(Path(cfg.out).resolve(), cfg.mlflow.tracking_uri)

@@ -28,7 +28,21 @@ import numpy as np
 from dvsa.data.shards import BAD_JSON, RawSample, parse_row
 from dvsa.ingest.counter import SkipCounter
 from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
-from dvsa.ingest.samples import RowLayout, Selection, Skip, box_of, encode_captions, encode_words, feature_row, select
+from dvsa.ingest.samples import (
+    BAD_FIELDS,
+    ERROR_COLUMN,
+    LOST_COLUMN,
+    TRUNCATED_SHARD,
+    RowLayout,
+    Selection,
+    Skip,
+    box_of,
+    check_boxes,
+    encode_captions,
+    encode_words,
+    feature_row,
+    select,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +109,18 @@ class BatchBuilder:
         payload = "npy" if spec.features else "jpg"
         rows, skipped, examples = [], Counter(), {}
         pass_idx = _pass_index() if spec.randomize else 0
+        errors, lost = batch.get(ERROR_COLUMN), batch.get(LOST_COLUMN)
         for i in range(len(batch["__key__"])):
+            if errors is not None and isinstance(errors[i], str):     # a broken shard's marker row
+                where = str(urls[i]) if urls is not None else "a shard"
+                skipped[TRUNCATED_SHARD] += int(lost[i]) if lost is not None else 1
+                examples.setdefault(TRUNCATED_SHARD, f"{where}: {errors[i]}")
+                log.warning("ingest: shard %s is broken: %s; %s sample(s) not read", where, errors[i],
+                            int(lost[i]) if lost is not None else "some")
+                continue
             sample = parse_row(batch, i, payload)
             try:
-                rows.append(self._row(sample, pass_idx))
+                rows.append(self._checked_row(sample, pass_idx))
             except Skip as s:
                 skipped[s.reason] += 1
                 where = f"{sample.key} ({urls[i]})" if urls is not None else sample.key
@@ -109,6 +131,16 @@ class BatchBuilder:
         return self._stack(rows)
 
     # ----------------------------------------------------------------- per sample
+    def _checked_row(self, sample: RawSample, pass_idx: int) -> dict:
+        """:meth:`_row`, with a json whose fields have the wrong types or are missing (a
+        hand-edited or foreign shard) skipped as :data:`BAD_FIELDS` instead of failing the task."""
+        try:
+            return self._row(sample, pass_idx)
+        except Skip:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise Skip(BAD_FIELDS, f"{type(e).__name__}: {e}") from None
+
     def _row(self, sample: RawSample, pass_idx: int) -> dict:
         spec = self.spec
         key, payload, meta = sample.key, sample.data, sample.meta
@@ -116,6 +148,7 @@ class BatchBuilder:
             raise Skip("missing_features" if spec.features else "missing_image", "no member in the shard")
         if meta is None:
             raise Skip(BAD_JSON, sample.error)
+        check_boxes(meta)
         rng = (np.random.default_rng([spec.seed, spec.epoch + pass_idx, zlib.crc32(key.encode())])
                if spec.randomize else None)
         sel = select(spec.layout, meta, spec.rows, rng, whole_image=spec.whole_image)

@@ -16,7 +16,7 @@ import zlib
 from typing import Optional
 
 from dvsa.config import Config
-from dvsa.data.manifest import FeatureManifest
+from dvsa.data.manifest import FeatureManifest, Manifest
 from dvsa.data.shards import list_shards
 from dvsa.errors import DataError
 from dvsa.ingest.builder import ChunkedBatchBuilder, IngestSpec
@@ -62,6 +62,16 @@ def dataset_paths(root: str, split: str) -> list[str]:
     return paths
 
 
+def expected_samples(root: str, split: str, features: bool = False) -> dict[str, int]:
+    """Samples per shard file of ``split`` as the set's manifest records them (``{}`` for a set
+    without one, e.g. shards written by hand): a shard that delivers fewer is reported."""
+    try:
+        m = FeatureManifest.read(root) if features else Manifest.read(root)
+    except DataError:
+        return {}
+    return {s.name: s.samples for s in m.shards_of(split)}
+
+
 def mix_seed(seed: int, epoch: int) -> int:
     """A 32-bit seed from (seed, epoch), stable across processes (unlike ``hash``)."""
     return zlib.crc32(f"{int(seed)}:{int(epoch)}".encode())
@@ -84,6 +94,8 @@ def build_dataset(shards_root_or_url: str, split: str, layout: str, cfg: Config,
     """
     import ray
     from ray.data import FileShuffleConfig
+
+    from dvsa.ingest.shard_source import ShardDatasource
 
     layout = resolve_layout(layout, cfg)
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
@@ -124,7 +136,10 @@ def build_dataset(shards_root_or_url: str, split: str, layout: str, cfg: Config,
     read_kw = {"override_num_blocks": min(len(paths), READ_TASKS_PER_SLOT * n)} if fuse else {}
     if fuse and not actors:
         read_kw["concurrency"] = n
-    ds = ray.data.read_webdataset(paths, decoder=None, suffixes=suffixes, shuffle=file_shuffle, **read_kw)
+    # read_webdataset's reader, but a truncated shard becomes a counted, named skip (shard_source)
+    source = ShardDatasource(paths, suffixes, expected=expected_samples(root, split, bool(features)),
+                             shuffle=file_shuffle)
+    ds = ray.data.read_datasource(source, **read_kw)
     if preserve_order or not shuffle:
         ds.context.execution_options.preserve_order = True
     # One output block per decoded chunk (a chunk is ~1.33x this target: emitted as it is,

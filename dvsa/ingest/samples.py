@@ -26,6 +26,7 @@ A sample that cannot make a row raises :class:`Skip` with a reason that the call
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
@@ -37,6 +38,16 @@ if TYPE_CHECKING:
 # What one batch row holds: a region caption, a full-image caption, or an image-sentence pair.
 RowLayout = Literal["caption_region", "caption_fullframe", "align"]
 LAYOUTS = ("caption_region", "caption_fullframe", "align")
+
+
+# Skip reasons of a sample whose json is readable but wrong (a hand-edited or foreign shard):
+BAD_BOX = "bad_box"          # a region box or proposal that is not 4 finite numbers (NaN, "abc"...)
+BAD_FIELDS = "bad_fields"    # a field missing or of the wrong type (e.g. "regions" not a list)
+# ... and of a shard that breaks off (dvsa.ingest.shard_source): its marker row has the shard in
+# __url__, what broke in ERROR_COLUMN and the samples not delivered in LOST_COLUMN
+TRUNCATED_SHARD = "truncated_shard"
+ERROR_COLUMN = "__error__"
+LOST_COLUMN = "__lost__"
 
 
 class Skip(Exception):
@@ -67,9 +78,34 @@ def _pick(n: int, k: int, rng: Optional[np.random.Generator]) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
 
 
-def _valid_box(b) -> bool:
+def _numbers(b) -> bool:
+    """Four finite numbers (NaN boxes would reach roi_align, which does not survive them)."""
     return (isinstance(b, (list, tuple)) and len(b) == 4
-            and all(isinstance(v, (int, float)) for v in b) and b[2] > b[0] and b[3] > b[1])
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b))
+
+
+def _valid_box(b) -> bool:
+    return _numbers(b) and b[2] > b[0] and b[3] > b[1]
+
+
+def check_boxes(meta: dict) -> None:
+    """Skip (:data:`BAD_BOX`) a sample any of whose region boxes is not a box ``[x1, y1, x2,
+    y2]`` of finite numbers with x2 > x1 and y2 > y1, or any of whose proposals is not four
+    finite numbers (``dvsa prepare`` writes neither; degenerate proposals are passed over as
+    before). Naming the first bad one."""
+    regions = meta.get("regions") or []
+    if not isinstance(regions, list):
+        raise Skip(BAD_FIELDS, f"regions is a {type(regions).__name__}, not a list")
+    for i, r in enumerate(regions):
+        box = r.get("box") if isinstance(r, dict) else None
+        if not _valid_box(box):
+            raise Skip(BAD_BOX, f"regions[{i}].box = {box!r}")
+    proposals = meta.get("proposals") or []
+    if not isinstance(proposals, list):
+        raise Skip(BAD_FIELDS, f"proposals is a {type(proposals).__name__}, not a list")
+    for i, b in enumerate(proposals):
+        if not _numbers(b):
+            raise Skip(BAD_BOX, f"proposals[{i}] = {b!r}")
 
 
 def align_boxes(meta: dict, rows: int, whole_image: bool = True) -> list[tuple[str, int]]:

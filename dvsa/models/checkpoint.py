@@ -24,6 +24,7 @@ import torch
 from dvsa.config import Config, ConfigError, from_dict
 from dvsa.errors import DvsaError
 from dvsa.models.build import build_model
+from dvsa.models.weights import load_into, load_weights_only
 from dvsa.text import Vocab
 
 STATE_FILE = "state.pt"
@@ -68,10 +69,10 @@ def load_state(directory: str | os.PathLike, map_location: Any = "cpu") -> dict:
     p = p if p.name == STATE_FILE else p / STATE_FILE
     if not p.is_file():
         raise DvsaError(f"{p}: no such checkpoint file")
-    try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, or objects that need pickle
-        raise DvsaError(f"{p}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    state = load_weights_only(p, f"{p}: cannot load checkpoint", map_location)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise DvsaError(f"{p}: not a dvsa checkpoint (no model state dict in it)")
+    return state
 
 
 def load_config_file(directory: str | os.PathLike) -> Config:
@@ -81,9 +82,30 @@ def load_config_file(directory: str | os.PathLike) -> Config:
     if not p.is_file():
         raise DvsaError(f"{p}: checkpoint has no config")
     try:
-        return from_dict(yaml.safe_load(p.read_text()) or {})
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DvsaError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DvsaError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise DvsaError(f"{p}: not a dvsa config (top level is a {type(raw).__name__}, not a mapping)")
+    try:
+        return from_dict(raw or {})
     except ConfigError as e:
         raise DvsaError(f"{p}: {e}") from None
+
+
+def check_checkpoint_dir(directory: str | os.PathLike) -> Config:
+    """Everything a load reads, checked without building the model (no pretrained backbone file
+    needed, nothing started): the config, the vocabulary and the state file. Returns the config;
+    a DvsaError naming the file otherwise."""
+    d = Path(directory)
+    cfg = load_config_file(d)
+    Vocab.load(str(d / VOCAB_FILE))
+    load_state(d)
+    return cfg
 
 
 def load_checkpoint_dir(directory: str | os.PathLike, map_location: Any = "cpu"
@@ -95,6 +117,6 @@ def load_checkpoint_dir(directory: str | os.PathLike, map_location: Any = "cpu"
     vocab = Vocab.load(str(d / VOCAB_FILE))
     state = load_state(d, map_location=map_location)
     model = build_model(cfg, vocab)
-    model.load_state_dict(state["model"])
+    load_into(model, state["model"], str(d / STATE_FILE), f"the {cfg.task} model its {CONFIG_FILE} describes")
     model.eval()
     return model, vocab, cfg

@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dvsa.config import ModelConfig
 from dvsa.errors import DvsaError
+from dvsa.models.weights import check_hash_in_name, load_into, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +89,27 @@ class _VggHead(nn.Module):
         return self.fc(F.adaptive_max_pool2d(fmap, 7).flatten(1))
 
 
+#: the 1000-way ImageNet layer each torchvision backbone ends in: the encoder never uses it, so a
+#: weights file may leave it out (a trunk saved without its classifier)
+CLASSIFIER_KEYS = {"resnet18": ("fc.",), "resnet50": ("fc.",), "resnet101": ("fc.",), "vgg16": ("classifier.6.",)}
+
+
 def _torchvision_model(name: str, weights: Optional[str]) -> nn.Module:
     ctor = getattr(torchvision.models, name)
     model = ctor(weights=None)
     if weights is None:
         log.warning("model.backbone=%s: no model.weights given, initialising the CNN randomly", name)
         return model
-    state = _load_weights(name, weights)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise DvsaError(f"model.weights={weights}: does not fit {name}: {' '.join(first)}") from None
+    load_into(model, _load_weights(weights), f"model.weights={weights}", name, optional=CLASSIFIER_KEYS.get(name, ()))
     log.info("model.backbone=%s: loaded weights %s", name, weights)
     return model
 
 
-def _load_weights(name: str, weights: str) -> dict:
-    """A state dict from a file path, or from a torchvision weights name in the local hub cache."""
+def _load_weights(weights: str) -> dict[str, Tensor]:
+    """A state dict from a file path, or from a torchvision weights name in the local hub cache
+    (its sha256 checked against the hash in its file name)."""
     if os.path.exists(weights):
-        return _torch_load(weights, "model.weights")
+        return read_state_dict(weights, "model.weights")
     try:
         enum_value = torchvision.models.get_weight(weights)
     except (ValueError, KeyError, AttributeError):
@@ -119,19 +121,8 @@ def _load_weights(name: str, weights: str) -> dict:
         raise DvsaError(
             f"model.weights={weights}: not in the local torch cache (expected {path}); "
             f"download {enum_value.url} there (or set TORCH_HOME), or pass a file path")
-    return _torch_load(path, "model.weights")
-
-
-def _torch_load(path: str, key: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is a user error here
-        raise DvsaError(f"{key}: cannot read {path}: {type(e).__name__}: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise DvsaError(f"{key}: {path} holds a {type(state).__name__}, not a state dict")
-    return state
+    check_hash_in_name(path, f"model.weights={weights}", enum_value.url)
+    return read_state_dict(path, "model.weights")
 
 
 def _build_backbone(name: str, weights: Optional[str]) -> tuple[nn.Module, _MeanHead | _VggHead]:
@@ -142,10 +133,7 @@ def _build_backbone(name: str, weights: Optional[str]) -> tuple[nn.Module, _Mean
         if weights is not None:
             if not os.path.exists(weights):
                 raise DvsaError(f"model.weights={weights!r}: the tiny backbone takes only a file path")
-            try:
-                trunk.load_state_dict(_torch_load(weights, "model.weights"))
-            except RuntimeError as e:
-                raise DvsaError(f"model.weights={weights}: does not fit tiny: {str(e).splitlines()[0]}") from None
+            load_into(trunk, read_state_dict(weights, "model.weights"), f"model.weights={weights}", "tiny")
         else:
             log.warning("model.backbone=tiny: no model.weights given, initialising the CNN randomly")
         return trunk, _MeanHead()

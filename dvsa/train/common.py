@@ -19,6 +19,7 @@ import torch
 
 from dvsa.config import Config, TrainConfig
 from dvsa.models.checkpoint import score_metric
+from dvsa.train import placement
 
 
 def seed_everything(seed: int) -> None:
@@ -77,15 +78,17 @@ def build_trainer(loop: Callable[[dict], Any], cfg: Config, loop_config: dict, d
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+    placement.set_start_timeout(cfg)
+    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                            resources_per_worker=placement.worker_bundle(cfg))
     metric, order = score_metric(cfg)
     run = RunConfig(
         name=name,
         storage_path=storage_path,
-        failure_config=FailureConfig(max_failures=t.max_failures),
+        # a worker group that cannot be placed within train.start_timeout_s ends the run (0: Ray
+        # Train's default, retried forever); dvsa.train.placement says what was missing
+        failure_config=FailureConfig(max_failures=t.max_failures,
+                                     controller_failure_limit=0 if t.start_timeout_s > 0 else -1),
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric,
                                            checkpoint_score_order=order),
         worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,

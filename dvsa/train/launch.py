@@ -30,7 +30,9 @@ from dvsa.errors import DataError, DvsaError
 from dvsa.ingest import build_dataset
 from dvsa.models.checkpoint import META_FILE, score_metric
 from dvsa.text import Vocab
+from dvsa.train import placement
 from dvsa.train.common import build_trainer, run_name
+from dvsa.train.skips import SkipPlan, summary_lines
 from dvsa.viz import draw_region_captions
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ def check_inputs(cfg: Config, task: str) -> Manifest:
     if "://" not in root and not Path(root).is_dir():
         raise DataError(f"{key}: no such shard directory: {root} (run `dvsa prepare` first)")
     manifest = Manifest.read(root)
+    manifest.check_shards(root)
     for split in ("train", "val"):
         if manifest.split_count(split, "images") <= 0:
             raise DataError(f"{key}: {root} has no {split} images (see its manifest.json)")
@@ -127,11 +130,21 @@ def train(cfg: Config, task: str) -> TrainOutcome:
     with tracking.ending(logger):
         with runtime.ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus) as ray_info:
             log.info("Ray: %s", ray_info["mode"])
+            if ray_info["mode"] != "joined":       # nothing will join a local Ray: refuse what cannot fit
+                import ray
+
+                placement.check_fits(cfg, ray.cluster_resources())
             trainer = make_trainer(cfg, task, name, manifest=manifest, env_vars=env,
                                    tracking_uri=uri, run_id=logger.run_id)
-            result = _fit(trainer)
+            result = _fit(trainer, cfg)
+            skipped = summary_lines(trainer.dvsa_skip_counters)
         outcome = _outcome(cfg, name, logger, uri, result, resumed)
+        aborted = (result.return_value or {}).get("aborted")
+        if aborted:
+            raise DataError(f"[{name}] stopped at epoch {outcome.epoch}: {aborted}")
         _log_outcome(cfg, logger, outcome, result, root)
+        if skipped:
+            print("\n".join(skipped), flush=True)
         return outcome
 
 
@@ -155,9 +168,16 @@ def make_trainer(cfg: Config, task: str, name: str, *, manifest: Optional[Manife
         "total_steps": total_steps(cfg, manifest),
         "progress_dir": str(Path(cfg.out).resolve() / "jobs" / name / "progress"),
     }
-    datasets = _datasets(cfg, task, root)
-    return build_trainer(_loop(task), cfg, loop_config, datasets, storage_path(cfg), name, env_vars,
-                         callbacks=callbacks)
+    datasets, counters = _datasets(cfg, task, root)
+    val_images = manifest.split_count("val", "images")
+    loop_config["skips"] = SkipPlan(
+        counters, {"train": manifest.split_count("train", "images"),
+                   "val": min(val_images, cfg.data.max_val_images) if cfg.data.max_val_images else val_images},
+        cfg.data.max_skip_fraction).to_dict()
+    trainer = build_trainer(_loop(task), cfg, loop_config, datasets, storage_path(cfg), name, env_vars,
+                            callbacks=callbacks)
+    trainer.dvsa_skip_counters = counters     # the driver prints their totals at the end
+    return trainer
 
 
 def _loop(task: str):
@@ -168,24 +188,36 @@ def _loop(task: str):
     return train_loop_per_worker
 
 
-def _datasets(cfg: Config, task: str, root: str) -> dict:
+def _datasets(cfg: Config, task: str, root: str) -> tuple[dict, dict]:
+    """The train and val datasets, and their skip counters (by split)."""
     vocab = Vocab.load(posixpath.join(root, "vocab.json"))
     train_ds = build_dataset(root, "train", task, cfg, vocab, seed=cfg.train.seed)
     val_ds = build_dataset(root, "val", task, cfg, vocab, seed=cfg.train.seed, shuffle=False,
                            preserve_order=True)
+    counters = {"train": train_ds.dvsa_skips, "val": val_ds.dvsa_skips}
     if cfg.data.max_val_images:
         val_ds = val_ds.limit(cfg.data.max_val_images)
-    return {"train": train_ds, "val": val_ds}
+    return {"train": train_ds, "val": val_ds}, counters
 
 
-def _fit(trainer):
+def _fit(trainer, cfg: Config):
+    import ray
     import ray.train
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     try:
         return trainer.fit()
-    except (ray.train.TrainingFailedError, ray.train.WorkerGroupError, ray.train.ControllerError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DvsaError(f"training failed after the allowed restarts (train.max_failures): {first}") from e
+    except ray.train.ControllerError as e:
+        if isinstance(getattr(e, "controller_failure", None), WorkerGroupStartupTimeoutError):
+            raise DvsaError(placement.startup_timeout_message(cfg, placement.alive_node_resources(),
+                                                              ray.available_resources())) from e
+        raise DvsaError(f"training failed: {_first_line(e)}") from e
+    except (ray.train.TrainingFailedError, ray.train.WorkerGroupError) as e:
+        raise DvsaError(f"training failed after the allowed restarts (train.max_failures): {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _checkpoint_path(ckpt) -> Optional[str]:

@@ -42,6 +42,7 @@ from dvsa.models.optim import build_optimizer, clip_gradients
 from dvsa.text import Vocab
 from dvsa.tracking import RunLogger
 from dvsa.train import common
+from dvsa.train.skips import SkipPlan, SkipWatch
 
 log = logging.getLogger("dvsa.train")
 
@@ -131,6 +132,17 @@ def _is_checkpoint_epoch(epoch_done: int, cfg: Config, last: bool) -> bool:
 
 def _is_val_epoch(epoch_done: int, cfg: Config, last: bool) -> bool:
     return last or epoch_done % cfg.train.val_every == 0 or _is_checkpoint_epoch(epoch_done, cfg, last)
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a broadcast when the world has more than one worker)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def _mean_across_ranks(total: float, count: float, device: torch.device) -> float:
@@ -289,14 +301,21 @@ def run_worker(objective: Objective, config: dict) -> dict:
     progress.start(tr.step, tr.epoch, tr.resumed)
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
     name = config.get("train_name", "")
+    if logger is not None:
+        starts = logger.record_worker_start(tr.step, tr.resumed)
+        if starts > 1:
+            log.warning("[%s] training workers started %d times in this run (now from step %d)", name, starts,
+                        tr.step)
     if rank == 0:
         how = f"resumed from step {tr.step} (epoch {tr.epoch})" if tr.resumed else "from scratch"
         log.info("[%s] %s: %d worker(s) on %s, %s, %s", name, objective.name, world, device.type,
                  "bf16 autocast" if use_amp else "fp32", how)
 
+    skips = SkipWatch(SkipPlan(**config["skips"])) if rank == 0 and config.get("skips") else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 else None
     val_state: dict = {}
+    aborted: Optional[str] = None
     last_metrics: dict = {}
     samples: list = []
     try:
@@ -316,9 +335,18 @@ def run_worker(objective: Objective, config: dict) -> dict:
             metrics = {"epoch": tr.epoch, "step": tr.step,
                        "train/epoch_loss": _mean_across_ranks(stats.loss_sum, stats.steps, device),
                        "train/images_per_s": stats.images * world / max(train_time, 1e-9)}
+            problems: list[str] = []
+            if skips is not None:          # after the all-reduce above: every rank's pass is done
+                skipped, problem = skips.pass_done("train")
+                metrics.update(skipped)
+                problems += [problem] if problem else []
             if rank == 0 and _is_val_epoch(tr.epoch, cfg, last):
                 val_metrics, samples = _validate(objective, tr, cfg, vocab, val_shard, device, use_amp, val_state)
                 metrics.update(val_metrics)
+                if skips is not None:
+                    skipped, problem = skips.pass_done("val")
+                    metrics.update(skipped)
+                    problems += [problem] if problem else []
             if rank == 0:
                 last_metrics = dict(metrics)
                 if logger is not None:
@@ -327,6 +355,11 @@ def run_worker(objective: Objective, config: dict) -> dict:
                                  if k not in ("epoch", "step") and isinstance(v, (int, float)))
                 log.info("[%s] epoch %d/%d step %d %s (%.1f s train)", name, tr.epoch, t.epochs, tr.step, shown,
                          train_time)
+            aborted = _from_rank0(problems[0] if problems else None)
+            if aborted:                    # too much bad data: every rank stops here, the driver fails the job
+                if rank == 0:
+                    log.error("[%s] %s", name, aborted)
+                break
             _report(tr, cfg, vocab, metrics, rank, _is_checkpoint_epoch(tr.epoch, cfg, last), progress)
     finally:
         if logger is not None:
@@ -335,4 +368,4 @@ def run_worker(objective: Objective, config: dict) -> dict:
         if scorer is not None:
             scorer.close()
     return {"step": tr.step, "epoch": tr.epoch, "metrics": last_metrics, "samples": samples,
-            "picture": val_state.get("picture")}
+            "picture": val_state.get("picture"), "aborted": aborted}

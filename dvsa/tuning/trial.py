@@ -16,6 +16,7 @@ from typing import Optional
 from dvsa import runtime
 from dvsa.config import Config, from_dict
 from dvsa.data.manifest import Manifest
+from dvsa.errors import DataError
 from dvsa.train import launch
 from dvsa.tuning import space
 
@@ -50,4 +51,7 @@ def trial_main(params: dict, *, base: dict, sweep: str, storage_path: str,
     cfg = trial_config(from_dict(base), params, sweep, trial_id, storage_path)
     trainer = launch.make_trainer(cfg, cfg.task, cfg.train.name, manifest=manifest,
                                   callbacks=[TuneReportCallback()], env_vars=env)
-    trainer.fit()
+    result = trainer.fit()
+    aborted = (result.return_value or {}).get("aborted")
+    if aborted:                        # too much bad data (data.max_skip_fraction): the trial errors
+        raise DataError(aborted)
