@@ -15,6 +15,8 @@
 # `bash benchmarks/gpu_wheels.sh` here first, which puts ijson/webdataset wheels in .whl/,
 # and carry .whl; they are installed into /tmp/site before anything else.
 # Device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
+#   The step switches (benchmarks/gpu_step.py, < 8 min):
+#   run(command="GPU_CHECK_SCRIPT=benchmarks/gpu_step.py bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 TQDM_DISABLE=1 \
@@ -37,4 +39,5 @@ fi
   echo "gpu_check: the project cannot be imported with $PY" >&2; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
-exec "$PY" benchmarks/gpu_check.py "$@"
+# GPU_CHECK_SCRIPT=benchmarks/gpu_step.py: the train-step switches instead (same installation)
+exec "$PY" "${GPU_CHECK_SCRIPT:-benchmarks/gpu_check.py}" "$@"

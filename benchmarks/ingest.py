@@ -6,20 +6,31 @@ loop torch batches of B rows. Arms:
 
   dataloader_full   webdataset + DataLoader(num_workers=C), PIL full-size decode + resize
                     (what one writes by default: the baseline)
-  dataloader_draft  the same, with our reduced-size decode (PIL draft): same decode as Ray
+  dataloader_draft  the same, with our reduced-size decode (PIL draft): ray_pil's decode
+  dataloader_torchvision  the same, with torchvision.io.decode_jpeg + resize: ray_torchvision's
   ray_pil           build_dataset (ShardDatasource read -> map_batches tasks, PIL draft)
                     -> iter_train_batches (local shuffle buffer off)
   ray_torchvision   the same with torchvision.io.decode_jpeg + v2 resize
   ray_actors        the same as ray_pil with an actor pool of C decoders (the read is fused
                     into the actors, so it needs no CPU of its own)
 
+The figure to read is ``ratio_vs_dataloader_same_decode``: each Ray arm's rows/s over the
+DataLoader arm that decodes the same way (ray_pil and ray_actors: dataloader_draft;
+ray_torchvision: dataloader_torchvision), both medians of the same interleaved run. Also
+reported: rows/s per CPU, the first batch's latency and the rate after it, and rows per
+CPU-second of the whole process tree (this process, its DataLoader workers, Ray's GCS, raylet
+and workers, from /proc; ``..._per_cpu_second``), which other load on a shared host barely moves.
+
 Each arm's pipeline object is built once and iterated once per pass, as epochs are (the
 DataLoader with persistent workers, the Ray Dataset as a TorchTrainer holds it). All arms run
 in one process run, interleaved (rep 1: every arm, rep 2: every arm, ...), after
 one warm-up pass each, so that load from other processes on the machine hits all arms alike.
-Caveat (measured): with ray_actors in the run, the other Ray arms' first batch takes 1.5-3 s,
-without it 0.3-0.4 s; a 2 s pause between arms did not help (likely the worker processes the
-actor pool leaves behind each pass, rebuilt on demand). Compare task arms with --arms too.
+Caveat (measured): with ray_actors in the run, the other Ray arms' first batch takes 1.5-3 s
+(17-70 s on a host at load average 70-90), without it 0.3-0.4 s: Ray keeps at most C idle
+worker processes (its ``num_workers_soft_limit``), so the actor pool's workers push the task
+arms' warm workers out, and every later task pass starts fresh processes. ``--idle-workers``
+(default 4 x C) raises that limit for the benchmark's Ray, so that the arms stop restarting each
+other's workers (0: Ray's default). Compare task arms with --arms too.
 Ray is started with num_cpus=C; the DataLoader uses C worker processes.
 
     .venv/bin/python benchmarks/ingest.py [--images 960] [--size 224] [--cpus 2] [--reps 3]
@@ -88,21 +99,55 @@ def make_bench_shards(root: str, images: int, width: int = 640, height: int = 48
                 counter.update(toks)
                 regs.append({"id": i * 100 + j, "box": [x1, y1, x1 + 50, y1 + 50], "raw": " ".join(toks),
                              "tokens": toks})
+            sentence = {"raw": regs[0]["raw"], "tokens": regs[0]["tokens"]}   # for the alignment model's rows
             w.write(f"im{i:07d}", jpgs[i % len(jpgs)],
                     {"image_id": i, "source": "vg", "split": "train", "width": width, "height": height,
-                     "regions": regs, "groups": [], "sentences": []})
+                     "regions": regs, "groups": [], "sentences": [sentence]})
     Vocab.build(counter, 1, images * regions).save(os.path.join(root, "vocab.json"))
     return root
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def _proc_stat(pid: str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds: user + system + those of its reaped children) from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:          # gone, or not Linux
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), sum(int(x) for x in fields[11:15]) / ticks
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds used so far by this process and all its descendants (DataLoader workers; Ray's
+    GCS, raylet and its workers, which ``ray.init`` starts below this process). Robust to other
+    load on the host, unlike wall time. A descendant that exits counts through its parent's
+    reaped-children time."""
+    root = os.getpid() if root is None else root
+    stats = {int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := _proc_stat(p)) is not None}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats[pid][1] if pid in stats else 0.0
+        todo.extend(children.get(pid, []))
+    return total
 
 
 # --------------------------------------------------------------------------- the DataLoader arm
 
 
 class _WdsRows:
-    """webdataset pipeline stage: raw sample -> the same row dict BatchBuilder makes."""
+    """webdataset pipeline stage: raw sample -> the same row dict BatchBuilder makes.
+    ``decoder``: ``full`` (PIL full-size decode + resize) or a ``data.jpeg_decoder`` of the Ray arms."""
 
-    def __init__(self, spec, vocab, full_decode: bool):
-        self.spec, self.vocab, self.full = spec, vocab, full_decode
+    def __init__(self, spec, vocab, decoder: str):
+        self.spec, self.vocab, self.full, self.decoder = spec, vocab, decoder == "full", decoder
 
     def __call__(self, sample):
         from PIL import Image
@@ -118,7 +163,7 @@ class _WdsRows:
                 rgb = im.convert("RGB").resize((self.spec.image_size,) * 2, Image.BILINEAR)
             img = np.asarray(rgb).transpose(2, 0, 1).copy()
         else:
-            img, (w, h) = decode_resize(sample["jpg"], self.spec.image_size, "pil")
+            img, (w, h) = decode_resize(sample["jpg"], self.spec.image_size, self.decoder)
         from dvsa.ingest.samples import select
 
         sel = select(self.spec.layout, meta, self.spec.rows, None)
@@ -134,13 +179,13 @@ def _collate(rows):
     return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if not k.startswith("__")}
 
 
-def make_loader(urls, spec, vocab, batch_size, workers, full_decode):
+def make_loader(urls, spec, vocab, batch_size, workers, decoder):
     """One DataLoader reused across passes (persistent workers), as one trains epochs."""
     import torch
     import webdataset as wds
 
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-          .map(_WdsRows(spec, vocab, full_decode)).batched(batch_size, collation_fn=_collate, partial=True))
+          .map(_WdsRows(spec, vocab, decoder)).batched(batch_size, collation_fn=_collate, partial=True))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2,
                                        persistent_workers=True)
 
@@ -167,6 +212,19 @@ def run_ray(ds, batch_size) -> tuple[int, float]:
     return n, first
 
 
+#: the DataLoader arms and their decode (``full``: PIL full-size decode + resize)
+LOADER_DECODERS = {"dataloader_full": "full", "dataloader_draft": "pil", "dataloader_torchvision": "torchvision"}
+#: each Ray arm's DataLoader arm with the same decode
+SAME_DECODE = {"ray_pil": "dataloader_draft", "ray_actors": "dataloader_draft",
+               "ray_torchvision": "dataloader_torchvision"}
+ARMS = ("dataloader_full", "dataloader_draft", "dataloader_torchvision", "ray_pil", "ray_torchvision", "ray_actors")
+
+
+def same_decode_ratios(rate: dict[str, float]) -> dict[str, float]:
+    """rows/s of each Ray arm over its same-decode DataLoader arm's (both measured in this run)."""
+    return {k: rate[k] / rate[ref] for k, ref in SAME_DECODE.items() if k in rate and ref in rate}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=960)
@@ -174,7 +232,10 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--arms", default="dataloader_full,dataloader_draft,ray_pil,ray_torchvision,ray_actors")
+    ap.add_argument("--out", default="ingest.json", help="file name under benchmarks/results/")
+    ap.add_argument("--idle-workers", type=int, default=None,
+                    help="Ray's num_workers_soft_limit (idle workers kept), default 4 x --cpus; 0: Ray's default")
+    ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()
 
     import ray
@@ -197,13 +258,16 @@ def main() -> int:
             "ray_actors": Config().replace(**{**base, "data.decode_pool": "actors"}),
         }
         spec = IngestSpec(layout="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
+        idle_workers = 4 * args.cpus if args.idle_workers is None else args.idle_workers
+        if idle_workers:   # read by the raylet at start (RayConfig num_workers_soft_limit)
+            os.environ["RAY_num_workers_soft_limit"] = str(idle_workers)
         ray.init(num_cpus=args.cpus, include_dashboard=False, _temp_dir=os.path.join(work, "ray"),
                  log_to_driver=False, configure_logging=False)
         from dvsa.ingest import build_dataset
 
         wanted = args.arms.split(",")
-        loaders = {k: make_loader(urls, spec, vocab, args.batch_size, args.cpus, k == "dataloader_full")
-                   for k in ("dataloader_full", "dataloader_draft") if k in wanted}
+        loaders = {k: make_loader(urls, spec, vocab, args.batch_size, args.cpus, LOADER_DECODERS[k])
+                   for k in LOADER_DECODERS if k in wanted}
         datasets = {k: build_dataset(root, "train", "caption_region", c, vocab, seed=0)
                     for k, c in cfgs.items() if k in wanted}
         arms = {**{k: (lambda l=l: run_dataloader(l)) for k, l in loaders.items()},
@@ -211,13 +275,15 @@ def main() -> int:
         arms = {k: arms[k] for k in wanted}
         times: dict[str, list[float]] = {k: [] for k in arms}
         firsts: dict[str, list[float]] = {k: [] for k in arms}
+        cpu_s: dict[str, list[float]] = {k: [] for k in arms}
         for k, fn in arms.items():           # warm-up pass (worker start-up, page cache)
             assert fn()[0] == args.images, k
         for _ in range(args.reps):
             for k, fn in arms.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), tree_cpu_seconds()
                 n, first = fn()
                 times[k].append(time.perf_counter() - t)
+                cpu_s[k].append(tree_cpu_seconds() - c)
                 firsts[k].append(first)
                 assert n == args.images, (k, n)
         ray.shutdown()
@@ -230,22 +296,36 @@ def main() -> int:
     steady = {k: (args.images - args.batch_size) / max(1e-9, statistics.median(
         [t - f for t, f in zip(times[k], firsts[k])])) for k in times}
     ref = rate.get("dataloader_full")
+    same = same_decode_ratios(rate)
+    per_cpu = {k: r / args.cpus for k, r in rate.items()}
+    # rows per CPU-second of the whole process tree: what each pipeline costs, whatever else runs
+    rows_per_cpu_s = {k: args.images / statistics.median(v) for k, v in cpu_s.items()}
+    same_cpu = {k: rows_per_cpu_s[k] / rows_per_cpu_s[ref] for k, ref in SAME_DECODE.items()
+                if k in rows_per_cpu_s and ref in rows_per_cpu_s}
     print(f"\ningest: {args.images} images 640x480 -> {args.size}, {args.cpus} CPUs, batch {args.batch_size}, "
           f"median of {args.reps} interleaved passes")
-    print(f"{'arm':<18}{'rows/s':>10}{'vs dataloader_full':>20}{'vs dataloader_draft':>21}"
-          f"{'1st batch s':>13}{'steady rows/s':>15}")
+    print(f"{'arm':<24}{'rows/s':>9}{'rows/s/CPU':>12}{'vs same decode':>22}{'vs full decode':>16}"
+          f"{'1st batch s':>13}{'steady rows/s':>15}{'rows/CPU-s':>12}{'same, CPU-s':>13}")
     for k, r in rate.items():
-        a = f"{r / ref:.2f}x" if ref else "-"
-        b = f"{r / rate['dataloader_draft']:.2f}x" if "dataloader_draft" in rate else "-"
-        print(f"{k:<18}{r:>10.1f}{a:>20}{b:>21}{first_s[k]:>13.2f}{steady[k]:>15.1f}")
+        a = f"{same[k]:.2f}x ({SAME_DECODE[k].split('_')[1]})" if k in same else "-"
+        b = f"{r / ref:.2f}x" if ref else "-"
+        c = f"{same_cpu[k]:.2f}x" if k in same_cpu else "-"
+        print(f"{k:<24}{r:>9.1f}{per_cpu[k]:>12.1f}{a:>22}{b:>16}{first_s[k]:>13.2f}{steady[k]:>15.1f}"
+              f"{rows_per_cpu_s[k]:>12.1f}{c:>13}")
     RESULTS.mkdir(exist_ok=True)
     out = {"images": args.images, "image": "640x480 JPEG q90", "size": args.size, "cpus": args.cpus,
            "batch_size": args.batch_size, "reps": args.reps, "interleaved": True,
            "machine": f"{platform.machine()} {os.cpu_count()} cores (shared with other processes)",
-           "seconds": times, "first_batch_s": firsts, "rows_per_s": rate, "steady_rows_per_s": steady,
+           "load_average": os.getloadavg(), "ray_idle_workers": idle_workers or "ray default",
+           "seconds": times, "first_batch_s": firsts, "rows_per_s": rate, "rows_per_s_per_cpu": per_cpu,
+           "steady_rows_per_s": steady, "first_batch_s_median": first_s,
+           "same_decode_arm": {k: v for k, v in SAME_DECODE.items() if k in rate},
+           "ratio_vs_dataloader_same_decode": same,
+           "cpu_seconds": cpu_s, "rows_per_cpu_second": rows_per_cpu_s,
+           "ratio_vs_dataloader_same_decode_per_cpu_second": same_cpu,
            "ratio_vs_dataloader_full": {k: r / ref for k, r in rate.items()} if ref else None}
-    (RESULTS / "ingest.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS / 'ingest.json'}")
+    (RESULTS / args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS / args.out}")
     return 0
 
 

@@ -50,7 +50,9 @@ class DataConfig:
     prefetch_batches: int = 2
     max_val_images: int = 200       # cap on validation images (METEOR subset)
     features: Optional[str] = None  # precomputed frozen-CNN feature shards (dvsa features)
-    jpeg_decoder: Literal["pil", "torchvision"] = "pil"  # pil: reduced-size draft decode
+    # pil: reduced-size draft decode; torchvision: decode_jpeg + resize; gpu: Ray Data passes the
+    # JPEG bytes on and the train worker decodes each batch on its device (nvJPEG on CUDA)
+    jpeg_decoder: Literal["pil", "torchvision", "gpu"] = "pil"
     decode_pool: Literal["tasks", "actors"] = "tasks"    # map_batches as tasks or an actor pool
     shuffle_buffer: int = 256       # rows in the local shuffle buffer of training iteration (0: off)
     # fail the job when more than this fraction of a split's samples is skipped in one pass
@@ -72,6 +74,9 @@ class ModelConfig:
     word_vectors: Optional[str] = None  # optional text file "word v1 v2 ..." to initialise W_w
     freeze_word_vectors: bool = False   # keep W_w fixed (the paper keeps word2vec vectors fixed)
     dropout: float = 0.0
+    # alignment model: add W_g g(b) to eq. 1, g = the box's corners and area over the image side
+    # (absolute position: "on the left"); needs the images and boxes, not precomputed features
+    box_geometry: bool = False
 
 
 @dataclass
@@ -79,6 +84,9 @@ class AlignConfig:
     sentence_encoder: Literal["brnn", "bow"] = "brnn"
     score: Literal["eq8", "eq7"] = "eq8"
     loss: Literal["sum", "hardest"] = "sum"  # eq. 9 sum over violators, or VSE++ hardest negative
+    # S_kl over the words of sentence l: their sum (eq. 8 as written) or their mean (S_kl / |l|,
+    # so a long sentence does not outscore a short one for every image)
+    word_pool: Literal["sum", "mean"] = "sum"
     margin: float = 1.0
     mrf_beta: float = 1.0
     whole_image: bool = True        # the whole image is a candidate region (paper: it + 19 detections)
@@ -126,6 +134,16 @@ class TrainConfig:
     val_every: int = 1
     log_every: int = 10             # steps between train-loss reports
     seed: int = 0
+    # GPU step switches (docs/training.md, "GPU step"); the defaults are the plain path, and each
+    # is harmless on the CPU. configs/vg.yaml (the GPU preset) turns them on.
+    channels_last: bool = False     # the CNN's weights and images in channels-last (NHWC) memory format
+    compile: Literal["none", "cnn", "model"] = "none"   # torch.compile the CNN trunk, or the whole model
+    # optimizer kernels: auto = fused on CUDA (adam, sgd; foreach for rmsprop), foreach on the CPU
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    cudnn_benchmark: bool = False   # let cuDNN time its convolution algorithms once per input shape
+    # linear LR scaling: train.lr is meant for a global batch of lr_scale_batch images; the optimizer
+    # gets lr x data.batch_size x train.num_workers / lr_scale_batch (0: train.lr as given)
+    lr_scale_batch: int = 0
 
 
 @dataclass
@@ -271,21 +289,49 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
+#: a preset's top-level key naming the preset it extends (a path relative to the preset's folder)
+BASE_KEY = "base"
+
+
+def read_preset(path: str | os.PathLike) -> dict:
+    """A YAML preset as a raw mapping, with the preset its ``base:`` names (recursively) merged
+    under it: ``configs/demo_align.yaml`` is ``configs/demo.yaml`` plus the alignment model's
+    own settings. Raises ConfigError (missing file, bad YAML, a cycle of bases)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {p}")
+    return _read_preset(p, ())
+
+
+def _read_preset(p: Path, seen: tuple) -> dict:
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: {BASE_KEY}: presets extend each other in a cycle "
+                          f"({' -> '.join(str(s) for s in seen + (p.resolve(),))})")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{p}: {BASE_KEY}: expected the file name of a preset, got {base!r}")
+    base_path = p.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{p}: {BASE_KEY}: no such file: {base_path}")
+    return _merge(_read_preset(base_path, seen + (p.resolve(),)), raw)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Read a YAML preset (or the defaults), apply overrides, validate; raise ConfigError."""
+    """Read a YAML preset (or the defaults; its ``base:`` first, see :func:`read_preset`),
+    apply overrides, validate; raise ConfigError."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = read_preset(path)
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
         base = _merge(Config().to_dict(), raw)
@@ -381,6 +427,7 @@ _POSITIVE_INT = {
 _NON_NEGATIVE = {
     "data.prefetch_batches", "data.max_val_images", "data.shuffle_buffer", "train.max_steps", "train.weight_decay",
     "train.grad_clip", "train.max_failures", "train.momentum", "align.mrf_beta", "train.start_timeout_s",
+    "train.lr_scale_batch",
     "tune.gpus_per_trial",
 }
 
@@ -403,8 +450,14 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout!r}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr!r}")
+    if cfg.train.optimizer_impl == "fused" and cfg.train.optimizer == "rmsprop":
+        raise ConfigError("train.optimizer_impl: 'fused' kernels exist for adam and sgd, not rmsprop "
+                          "(use 'auto' or 'foreach')")
     if cfg.data.max_len < 3:
         raise ConfigError(f"data.max_len: must be >= 3 (START, a word, END), got {cfg.data.max_len!r}")
+    if cfg.model.box_geometry and cfg.data.features:
+        raise ConfigError("model.box_geometry: needs the images and boxes; data.features holds CNN features only "
+                          "(set data.features=null)")
     if cfg.caption.temperature <= 0:
         raise ConfigError(f"caption.temperature: must be > 0, got {cfg.caption.temperature!r}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:

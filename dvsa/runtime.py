@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 from dvsa.errors import raise_on_sigterm
 
@@ -31,6 +31,11 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     # Ray Train's V2 controller prints progress itself; keep Ray Data's bars out of job logs
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # a tracking server that does not answer: MLflow retries each request 3 times within ~7 s
+    # (its default, 7 retries with a back-off factor of 2, would stall training for minutes),
+    # then dvsa.tracking.RunLogger keeps the metrics for its next send
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 
 # Ray's session dir name + "/sockets/plasma_store" add ~63 characters to the temp dir.
@@ -62,6 +67,36 @@ def cluster_address(config_address: Optional[str] = None) -> Optional[str]:
     """The address to join: config first, then ``RAY_ADDRESS``; None means embedded local Ray."""
     addr = config_address or os.environ.get("RAY_ADDRESS") or None
     return addr.strip() if addr else None
+
+
+def require_shared_storage(address: Optional[str], paths: Mapping[str, Optional[str]],
+                           tracking_configured: Optional[str]) -> None:
+    """On a joined cluster (``address`` / ``RAY_ADDRESS``), refuse in one line (ConfigError) a
+    relative path among ``paths`` (config key -> value) and a job with no tracking server.
+
+    Under ``ray job submit`` a relative path resolves inside the job's temporary working dir on
+    the head node: shards there exist on no other node, and checkpoints there are gone when the
+    job ends, so resubmitting the same ``train.name`` could not resume. Likewise the default
+    ``sqlite:///<out>/mlflow.db`` is a file on the driver's node that workers elsewhere cannot
+    write and later jobs (``evaluate --checkpoint RUN_ID``, ``compare``) do not find. Laptops
+    (an embedded Ray) keep both defaults."""
+    from dvsa.config import ConfigError
+
+    joined = cluster_address(address)
+    if not joined:
+        return
+    for key, value in paths.items():
+        if value and "://" not in value and not os.path.isabs(value):
+            raise ConfigError(
+                f"{key}={value}: a relative path, but this job runs on the Ray cluster at {joined}, where it "
+                f"would resolve inside the job's temporary working dir on one node; give an absolute path on "
+                f"shared storage (e.g. /mnt/efs/dvsa/...) or a URL (s3://...)")
+    if not (os.environ.get("MLFLOW_TRACKING_URI") or tracking_configured):
+        raise ConfigError(
+            f"mlflow.tracking_uri: this job runs on the Ray cluster at {joined}, where the default "
+            f"sqlite:///<out>/mlflow.db is a file on the driver's node (other nodes cannot write it, later jobs "
+            f"cannot find it); set MLFLOW_TRACKING_URI to the team's tracking server (ray_cluster.yaml and "
+            f"cluster/rayjob.yaml set http://<head>:5000 on every node)")
 
 
 def ray_temp_dir(out: str | os.PathLike) -> str:

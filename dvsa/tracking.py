@@ -6,6 +6,13 @@ Several processes migrating a fresh SQLite schema at once race, so the *driver* 
 migrates the store and the experiment before any Ray worker opens it (:func:`prepare_store`);
 workers only append to an existing run. Every call goes through :func:`retry_locked`, which
 retries SQLite's transient "database is locked".
+
+On a cluster the store is a tracking server (``mlflow server`` over PostgreSQL, reached with
+``MLFLOW_TRACKING_URI=http://...``). A server that stops answering for a while (restarted,
+network blip) does not stop training: :class:`RunLogger` keeps the metrics it could not send
+and sends them with the next ones; only beyond ``MAX_PENDING_METRICS``, or when the final
+flush has waited ``FINAL_FLUSH_WAIT_S``, are metrics given up, and their number is logged as
+``mlflow/dropped_metrics`` when the run ends.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ T = TypeVar("T")
 MAX_PARAM_CHARS = 6000      # MLflow's limit on a param value
 BATCH_PARAMS = 100          # log_batch limits
 BATCH_METRICS = 1000
+MAX_PENDING_METRICS = 200_000   # metrics a logger queues while its store does not answer
+FINAL_FLUSH_WAIT_S = 120.0      # how long the last flush (end of an epoch loop, of a run) retries
+DROPPED_METRIC = "mlflow/dropped_metrics"
 TRAIN_NAME_TAG = "dvsa.train_name"
 CHECKPOINT_TAG = "dvsa.checkpoint"
 RUN_DIR_TAG = "dvsa.run_dir"
@@ -104,12 +114,17 @@ class RunLogger:
     both plain strings, so it is cheap to build on a worker).
     """
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 200):
+    def __init__(self, uri: str, run_id: str, flush_every: int = 200, max_pending: int = MAX_PENDING_METRICS,
+                 final_wait_s: float = FINAL_FLUSH_WAIT_S):
         self.uri = uri
         self.run_id = run_id
         self.flush_every = flush_every
+        self.max_pending = max_pending
+        self.final_wait_s = final_wait_s
         self._client = client(uri)
         self._pending: list = []
+        self.dropped = 0              # metrics given up on (the store unreachable for too long)
+        self._outage_since: Optional[float] = None
 
     # ------------------------------------------------------------------ params / tags
     def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
@@ -153,7 +168,9 @@ class RunLogger:
 
     # ------------------------------------------------------------------ metrics
     def log_metrics(self, metrics: Mapping[str, float], step: int, flush: bool = True) -> None:
-        """Queue finite numeric metrics at ``step``; NaN/inf and non-numbers are skipped."""
+        """Queue finite numeric metrics at ``step``; NaN/inf and non-numbers are skipped. The
+        queue is sent when ``flush`` (or when it is long); a store that does not answer keeps
+        it queued for the next send instead of stopping the caller (:meth:`try_flush`)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -162,12 +179,49 @@ class RunLogger:
                 continue
             self._pending.append(Metric(k, float(v), ts, int(step)))
         if flush or len(self._pending) >= self.flush_every:
-            self.flush()
+            self.try_flush()
+
+    def _send(self) -> None:
+        while self._pending:
+            retry_locked(self._client.log_batch, self.run_id, metrics=self._pending[:BATCH_METRICS])
+            del self._pending[:BATCH_METRICS]
+
+    def try_flush(self) -> bool:
+        """Send the queued metrics; when the store does not answer (a tracking server restarting,
+        a network blip) keep them for the next call, dropping the oldest beyond
+        ``max_pending`` (counted in :attr:`dropped`). Returns whether everything was sent."""
+        try:
+            self._send()
+        except Exception as e:  # connection refused, timeouts, 5xx after MLflow's own retries
+            if self._outage_since is None:
+                self._outage_since = time.time()
+                log.warning("MLflow at %s did not take %d metrics (%s); keeping them and retrying at the "
+                            "next log", self.uri, len(self._pending), str(e).splitlines()[0][:200])
+            excess = len(self._pending) - self.max_pending
+            if excess > 0:
+                del self._pending[:excess]
+                self.dropped += excess
+            return False
+        if self._outage_since is not None:
+            log.warning("MLflow at %s answers again after %.0f s; the queued metrics were sent", self.uri,
+                        time.time() - self._outage_since)
+            self._outage_since = None
+        return True
 
     def flush(self) -> None:
-        while self._pending:
-            chunk, self._pending = self._pending[:BATCH_METRICS], self._pending[BATCH_METRICS:]
-            retry_locked(self._client.log_batch, self.run_id, metrics=chunk)
+        """Send every queued metric, retrying for up to ``final_wait_s`` while the store does not
+        answer; then give them up (counted in :attr:`dropped`, warned) rather than hang."""
+        deadline = time.time() + self.final_wait_s
+        delay = 0.5
+        while not self.try_flush():
+            if time.time() >= deadline:
+                log.error("MLflow at %s: %d metrics could not be logged and are dropped", self.uri,
+                          len(self._pending))
+                self.dropped += len(self._pending)
+                self._pending.clear()
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # ------------------------------------------------------------------ artifacts
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
@@ -195,6 +249,9 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
+        if self.dropped:
+            self.log_metrics({DROPPED_METRIC: float(self.dropped)}, 0, flush=False)
+            self.flush()
         retry_locked(self._client.set_terminated, self.run_id, status)
 
 

@@ -122,6 +122,36 @@ def test_model_scores_follow_config_and_word_region_scores_mask():
     assert wr[0, 2, 1].item() == pytest.approx(float(v[0, 1] @ s[0, 2]), rel=1e-5)
 
 
+def test_word_pool_mean_divides_each_sentence_by_its_length():
+    v, v_mask, s, s_mask = _random_embeddings()                      # sentence lengths 6, 1, 3, 4, 2
+    for score, fn in (("eq8", score_eq8), ("eq7", score_eq7)):
+        cfg = _cfg(**{"align.word_pool": "mean", "align.score": score})
+        model = AlignmentModel(cfg.model, cfg.align, vocab_size=10, with_encoder=False)
+        S, mean = fn(v, v_mask, s, s_mask), model.scores(v, v_mask, s, s_mask)
+        torch.testing.assert_close(mean, S / torch.tensor([6.0, 1, 3, 4, 2])[None, :])
+
+
+def test_box_geometry_adds_where_the_box_is_to_eq1():
+    from dvsa.models.alignment import box_geometry
+
+    g = box_geometry(torch.tensor([[0.0, 8, 16, 24]]), 32, 32)
+    torch.testing.assert_close(g, torch.tensor([[0.0, 0.25, 0.5, 0.75, 0.25]]))
+    cfg = _cfg(**{"model.roi_size": 2, "model.box_geometry": True})
+    model = AlignmentModel(cfg.model, cfg.align, vocab_size=10).eval()
+    images = torch.zeros(1, 3, 32, 32)                                # the same pixels in both boxes
+    boxes = torch.tensor([[[0.0, 8, 8, 16], [24, 8, 32, 16]]])        # left, right
+    with torch.no_grad():
+        v, _ = model.embed_regions(images, boxes)
+        plain = AlignmentModel(_cfg(**{"model.roi_size": 2}).model, cfg.align, vocab_size=10).eval()
+        plain.load_state_dict({k: t for k, t in model.state_dict().items() if not k.startswith("W_g")})
+        v0, _ = plain.embed_regions(images, boxes)
+    torch.testing.assert_close(v0[0, 0], v0[0, 1])                    # appearance alone: no difference
+    geo = model.W_g(box_geometry(boxes[0], 32, 32))
+    torch.testing.assert_close(v[0], v0[0] + geo)                     # eq. 1 + W_g g(b)
+    with pytest.raises(ValueError, match="needs the boxes"):
+        model.embed_region_features(torch.zeros(1, 2, model.feat_dim), torch.ones(1, 2, dtype=torch.bool))
+
+
 def test_ranking_loss_by_hand():
     S = torch.tensor([[3.0, 2.5, 0.0], [1.0, 1.0, 4.0], [0.0, 2.0, 2.5]])
     # rows (image k vs sentences l): k=0: max(0, 2.5-3+1)=0.5; k=1: max(0,1-1+1)=1, max(0,4-1+1)=4;

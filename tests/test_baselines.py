@@ -167,6 +167,44 @@ def test_ablation_table_bookkeeping_with_a_recording_train_fn(tmp_path):
     assert "| BRNN, eq. 8 (ours) | 48.0 |" in t1_markdown(again)
 
 
+def test_ablations_over_seeds_aggregate_median_and_range(tmp_path):
+    """Any variant (settings), several seeds: every (variant, seed) trains once with its seed, the
+    evaluation lands in its run, and the table's row is the median with the range."""
+    from dvsa import tracking
+    from dvsa.experiments.ablations import collect_ablation_table, format_markdown, run_ablations
+    from dvsa.train.launch import TrainOutcome
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seen = []
+
+    def record_train(cfg, task):
+        seen.append((cfg.train.seed, cfg.align.loss, cfg.train.name))
+        logger, _ = tracking.start_run(uri, cfg.mlflow.experiment, cfg.mlflow.run_name, {"task": task})
+        logger.log_params(cfg.flat())
+        logger.end()
+        return TrainOutcome(name=cfg.train.name, run_dir="", run_id=logger.run_id, tracking_uri=uri,
+                            checkpoint=None, latest_checkpoint=None, step=cfg.train.seed, epoch=1)
+
+    def evaluate(outcome):          # seed s scores 80 + 5 s (sum) or 90 - s (hardest)
+        loss = "hardest" if "hard" in outcome.name else "sum"
+        return {"retrieval/i2t_r1": 90.0 - outcome.step if loss == "hardest" else 80.0 + 5 * outcome.step,
+                "retrieval/t2i_medr": 1.0}
+
+    cfg = Config().replace(**{"name": "abl", "mlflow.experiment": "seeds"})
+    settings = {"base": {}, "hard": {"align.loss": "hardest"}}
+    rows = run_ablations(cfg, ["base", "hard"], "g", record_train, settings=settings, seeds=[0, 1, 2],
+                         evaluate_fn=evaluate)
+    assert [s[:2] for s in seen] == [(0, "sum"), (1, "sum"), (2, "sum"), (0, "hardest"), (1, "hardest"),
+                                     (2, "hardest")]
+    assert seen[0][2] == "abl-g-base-s0" and len({s[2] for s in seen}) == 6
+    assert [(r["variant"], r["runs"], r["seeds"], r["source"], r["i2t_r1"], r["range"]["i2t_r1"]) for r in rows] == [
+        ("base", 3, ["0", "1", "2"], "retrieval", 85.0, (80.0, 90.0)),
+        ("hard", 3, ["0", "1", "2"], "retrieval", 89.0, (88.0, 90.0))]
+    assert collect_ablation_table(uri, "seeds", "g", order=["hard", "base"])[0]["variant"] == "hard"
+    md = format_markdown(rows).splitlines()
+    assert md[2].startswith("| base | 85.0 (80.0-90.0) |  |  |  | ") and md[2].endswith("| 1 | 3 | retrieval |")
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ablations_train_each_variant_with_its_setting(ray_local, shards, tmp_path):

@@ -175,6 +175,14 @@ def test_rayjob_entrypoint_is_a_real_job_on_shared_storage(kuberay):
     assert cfg.data.shards.startswith(("/mnt/dvsa/", "s3://", "gs://"))
     workers = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
     assert cfg.train.num_workers <= sum(g["maxReplicas"] for g in workers)
+    # CPU accounting with autoscaling off: the Train workers plus one CPU per decode task fit
+    # the worker pods' CPUs (the head has num-cpus 0)
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is False and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    cpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+               for g in workers)
+    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.decode_concurrency
+    assert needed <= cpus, (needed, cpus)
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert env["working_dir"] == "/home/ray/dvsa"               # WORKDIR of cluster/Dockerfile
     _assert_merges_with_driver_env(env)
@@ -211,14 +219,15 @@ def test_dockerfile_pins_the_image_and_installs_the_project():
     text = DOCKERFILE.read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms == [IMAGE]
-    assert re.search(r"pip install .*\s\.(\s|$)", text)
+    assert re.search(r'pip install .*\s"\.\[cluster\]"(\s|$)', text)     # with the PostgreSQL driver
     for d in ("dvsa", "jobs", "configs"):
         assert re.search(rf"^COPY .*\b{d} ", text, re.M), d
 
 
 def _assert_merges_with_driver_env(env: dict) -> None:
-    """The job driver joins with runtime_env={"env_vars": QUIET_ENV}; Ray fails the job if that
-    cannot merge with the submitted runtime_env (any shared env var key is a conflict)."""
+    """The Train workers run with runtime_env={"env_vars": QUIET_ENV} (build_trainer's
+    worker_runtime_env); Ray fails them if that cannot merge with the submitted runtime_env (any
+    shared env var key is a conflict)."""
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
     from dvsa.runtime import QUIET_ENV

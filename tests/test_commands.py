@@ -175,10 +175,13 @@ def test_demo_command_options_and_strict_exit_code(monkeypatch, tmp_path, capsys
     assert "--images must be >= 50" in capsys.readouterr().err
     assert not seen
     assert main(["demo", "--out", str(tmp_path / "d"), "--images", "60", "--seed", "3", "train.epochs=1"]) == 0
-    assert main(["demo", "--out", str(tmp_path / "d"), "--strict"]) == 1      # a claim missed
+    assert main(["demo", "--out", str(tmp_path / "d"), "--strict", "--preset", "align=my.yaml"]) == 1  # a claim missed
+    assert main(["demo", "--preset", "my.yaml"]) == 1
+    assert "--preset 'my.yaml': expected MODEL=FILE" in capsys.readouterr().err
     first, second = seen
-    assert (first.out, first.images, first.seed, first.overrides, first.config) == (
-        tmp_path / "d", 60, 3, ["train.epochs=1"], None)
+    assert (first.out, first.images, first.seed, first.overrides, first.presets) == (
+        tmp_path / "d", 60, 3, ["train.epochs=1"], {})
+    assert second.presets == {"align": Path("my.yaml")}
     assert second.images == dvsa.demo.DemoOptions(out=Path("x")).images      # the default world size
 
 

@@ -53,3 +53,23 @@ def test_retrieval_rows_and_csv(tmp_path):
     read = list(csv.reader(path.open()))
     assert read[0] == list(RETRIEVAL_COLUMNS)
     assert read[1][:3] == ["brnn", "eq8", "75.83"] and read[1][3] == ""
+
+
+def test_retrieval_rows_aggregate_seeds_median_and_range():
+    base = {"align.sentence_encoder": "brnn", "align.score": "eq8", "align.loss": "sum", "train.lr": "0.0005"}
+    runs = [_run(f"s{seed}", seed, {"task": "align"},
+                 params={**base, "train.seed": str(seed), "train.name": f"n{seed}", "out": f"/o{seed}"},
+                 metrics={"retrieval/i2t_r1": i2t, "retrieval/t2i_medr": medr, "retrieval/images": 120.0})
+            for seed, i2t, medr in ((0, 80.0, 2.0), (1, 92.5, 1.0), (2, 88.0, 1.0))]
+    runs.append(_run("hard", 9, {"task": "align"}, params={**base, "align.loss": "hardest", "train.seed": "0"},
+                     metrics={"retrieval/i2t_r1": 95.0, "retrieval/images": 120.0}))
+    rows = retrieval_rows(runs)
+    assert [(r["seeds"], r["setting"], r["run_id"]) for r in rows] == [
+        ("0,1,2", "align.loss=sum", "s0,s1,s2"), ("0", "align.loss=hardest", "hard")]
+    one, hard = rows
+    assert (one["i2t R@1"], one["t2i medr"], one["images"]) == (88.0, 1.0, 120.0)     # medians
+    assert one["_range"] == {"i2t R@1": (80.0, 92.5), "t2i medr": (1.0, 2.0)}       # images agree: no range
+    assert hard["i2t R@1"] == 95.0 and hard["_range"] == {} and hard["t2i medr"] is None
+    lines = markdown(rows, RETRIEVAL_COLUMNS).splitlines()
+    assert lines[2].startswith("| brnn | eq8 | 88.0 (80.0-92.5) |  |  |  |  |  |  | 1 (1-2) | 120 | 0,1,2 |")
+    assert lines[3].startswith("| brnn | eq8 | 95.0 |")

@@ -69,6 +69,11 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     assert "bad.yaml" in str(e.value) and "line" in str(e.value)
 
 
+def test_box_geometry_needs_images_not_features():
+    with pytest.raises(ConfigError, match="model.box_geometry: needs the images and boxes"):
+        load_config(None, ["model.box_geometry=true", "data.features=runs/feats"])
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="no such file"):
         load_config("/nonexistent/x.yaml")
@@ -97,3 +102,39 @@ def test_replace_and_roundtrip(tmp_path):
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_presets_validate(preset):
     load_config(CONFIGS / preset)
+
+
+def test_a_preset_extends_its_base(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text("name: b\ntrain:\n  lr: 0.1\n  epochs: 3\nalign:\n  margin: 2\n")
+    (tmp_path / "mid.yaml").write_text("base: shared/base.yaml\ntrain:\n  lr: 0.2\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ntask: align\nalign:\n  whole_image: false\n")
+    cfg = load_config(tmp_path / "top.yaml", ["train.epochs=5"])
+    # the nearest file wins key by key; sections merge; overrides win over every file
+    assert (cfg.name, cfg.task, cfg.train.lr, cfg.train.epochs) == ("b", "align", 0.2, 5)
+    assert (cfg.align.margin, cfg.align.whole_image) == (2.0, False)
+    assert load_config(tmp_path / "top.yaml").train.epochs == 3
+
+
+def test_a_bad_base_names_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="presets extend each other in a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base: no such file: .*nope.yaml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="d.yaml: base: expected the file name of a preset"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_the_demo_presets_extend_demo_yaml():
+    shared = load_config(CONFIGS / "demo.yaml").flat()
+    for name, own in (("demo_align.yaml", {"task", "data.image_size", "align.whole_image", "train.lr",
+                                           "train.grad_clip_mode", "train.epochs", "train.lr_schedule",
+                                           "model.box_geometry"}),
+                      ("demo_region.yaml", {"caption.mode", "train.epochs"}),
+                      ("demo_fullframe.yaml", {"caption.mode"})):
+        flat = load_config(CONFIGS / name).flat()
+        assert {k for k in flat if flat[k] != shared[k]} <= own, name

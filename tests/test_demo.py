@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 from run_checks import split_count
@@ -21,7 +23,7 @@ def test_demo_runs_every_step_and_records_the_runs(demo_run):
     assert "| fullframe | lstm |" in res.table and "| region | lstm |" in res.table
     assert "| brnn | eq8 |" in res.table
     # every claim is checked and reported (whether a 1-epoch model meets it is not the point here)
-    assert [c[0].split(" ")[0] for c in res.checks] == ["region", "region", "word-to-region", "image"]
+    assert [c[0].split(" ")[0] for c in res.checks] == ["region", "region", "word-to-region", "image", "image"]
     vg, kp = out / "data" / "vg", out / "data" / "karpathy"
     for key in ("region", "fullframe"):
         m = res.metrics[key]
@@ -49,11 +51,39 @@ def test_demo_runs_every_step_and_records_the_runs(demo_run):
     assert snippets["splits"]["train"]["regions"] > 0
 
 
-def test_demo_model_settings_yield_to_the_users_overrides():
-    from dvsa.demo import ALIGN_OVERRIDES, REGION_OVERRIDES, _unless_given
+def test_demo_trains_exactly_the_shipped_presets():
+    """Each demo model's config is its preset as `dvsa train-align/train-caption --config` loads it;
+    the demo adds only where things go, and the user's key=value wins for every model."""
+    from dvsa.commands import _train
+    from dvsa.demo import ENVIRONMENT_KEYS, PRESETS, TASKS, DemoOptions, demo_configs
 
-    assert _unless_given(REGION_OVERRIDES, []) == REGION_OVERRIDES
-    assert _unless_given(REGION_OVERRIDES, ["train.epochs=1"]) == {}
-    got = _unless_given(ALIGN_OVERRIDES, ["data.image_size=32", "train.lr=0.01"])
-    assert "data.image_size" not in got and "train.lr" not in got
-    assert got["align.whole_image"] is False and got["train.grad_clip_mode"] == "norm"
+    cfgs = demo_configs(DemoOptions(out=Path("/tmp/d"), seed=3))
+    assert set(cfgs) == {"region", "fullframe", "align"}
+    seen: list = []
+    for model, cfg in cfgs.items():
+        args = argparse.Namespace(config=str(PRESETS[model]), overrides=[], outcome_json=None)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_train, "train", lambda c, task: seen.append((c, task)))
+            _train.run(args, TASKS[model])
+        cli_cfg, task = seen.pop()
+        assert task == cfg.task == TASKS[model]
+        flat, cli = cfg.flat(), cli_cfg.flat()
+        assert {k for k in flat if flat[k] != cli[k]} <= set(ENVIRONMENT_KEYS), model
+        assert flat["train.seed"] == 3 and flat["data.fullframe_shards"] == "/tmp/d/data/karpathy"
+    assert cfgs["region"].caption.mode == "region" and cfgs["fullframe"].caption.mode == "fullframe"
+    # what makes the alignment model work is in its preset, not in dvsa.demo
+    align = cfgs["align"]
+    assert (align.data.image_size, align.align.whole_image, align.train.grad_clip_mode) == (64, False, "norm")
+    assert cfgs["region"].train.epochs == 16
+    user = demo_configs(DemoOptions(out=Path("/tmp/d"), overrides=["train.lr=0.01", "data.image_size=32"]))
+    assert all(c.train.lr == 0.01 and c.data.image_size == 32 for c in user.values())
+
+
+def test_demo_refuses_an_unknown_model_preset(tmp_path):
+    from dvsa.demo import DemoOptions, demo_configs
+    from dvsa.errors import DvsaError
+
+    with pytest.raises(DvsaError, match="--preset regoin: not one of the demo's models"):
+        demo_configs(DemoOptions(out=tmp_path, presets={"regoin": tmp_path / "x.yaml"}))
+    with pytest.raises(DvsaError, match="demo preset for the align model not found"):
+        demo_configs(DemoOptions(out=tmp_path, presets={"align": tmp_path / "x.yaml"}))

@@ -122,3 +122,70 @@ def test_metrics_from_ranks():
     m = metrics_from_ranks(torch.tensor([0, 4, 9, 10]), torch.tensor([2]))
     assert m["i2t_r1"] == 25.0 and m["i2t_r5"] == 50.0 and m["i2t_r10"] == 75.0 and m["i2t_medr"] == 5.0
     assert m["t2i_r1"] == 0.0 and m["t2i_medr"] == 3.0
+
+
+# 4 images, one sentence each (sentence l is image l's); ranks worked out by hand below.
+HAND_S = torch.tensor([[0.90, 0.10, 0.80, 0.95],
+                       [0.50, 0.60, 0.70, 0.20],
+                       [0.30, 0.20, 0.40, 0.10],
+                       [0.99, 0.00, 0.50, 0.60]])
+# full split: i2t ranks (0-based) 1 (0.95 > 0.9), 1 (0.7 > 0.6), 0, 1 (0.99 > 0.6);
+#             t2i ranks 1 (0.99 > 0.9), 0, 3 (0.8, 0.7, 0.5 > 0.4), 1 (0.95 > 0.6)
+HAND_FULL = {"i2t_r1": 25.0, "i2t_r5": 100.0, "i2t_r10": 100.0, "i2t_medr": 2.0,
+             "t2i_r1": 25.0, "t2i_r5": 100.0, "t2i_r10": 100.0, "t2i_medr": 2.0}
+# folds of 2 images (0-1, 2-3): i2t ranks 0 0 | 0 0; t2i ranks 0 0 | 1 (0.5 > 0.4) 0 -> t2i R@1 (100 + 50) / 2,
+# Med r (1 + 1) / 2 (the lower middle of ranks 2, 1 is 1)
+HAND_FOLDS = {"i2t_r1": 100.0, "i2t_r5": 100.0, "i2t_r10": 100.0, "i2t_medr": 1.0,
+              "t2i_r1": 75.0, "t2i_r5": 100.0, "t2i_r10": 100.0, "t2i_medr": 1.0}
+
+
+class _MatrixModel(torch.nn.Module):
+    """Scores looked up in a fixed matrix: region 'embedding' = image index, word = sentence index."""
+
+    def __init__(self, S: torch.Tensor):
+        super().__init__()
+        self.register_buffer("S", S)
+
+    def scores(self, v, v_mask, s, s_mask):
+        return self.S[v[:, 0, 0].long()][:, s[:, 0, 0].long()]
+
+
+def test_full_split_and_fold_figures_of_a_hand_matrix():
+    assert retrieval_metrics(HAND_S, torch.arange(4)) == pytest.approx(HAND_FULL)
+    assert fold_metrics(HAND_S, torch.arange(4), fold_size=2) == pytest.approx(HAND_FOLDS)
+
+
+def test_evaluation_reports_folds_only_for_a_split_of_at_least_one_fold():
+    from dvsa.evaluation.alignment_eval import protocol_lines, retrieval_from_embeddings, retrieval_table
+
+    model = _MatrixModel(HAND_S)
+    m = retrieval_from_embeddings(model, _hand_split_of(4), fold_size=2)
+    assert {k[len("retrieval/"):]: v for k, v in m.items() if k.startswith("retrieval/") and
+            k[len("retrieval/"):] in HAND_FULL} == pytest.approx(HAND_FULL)
+    assert {k[len("retrieval_2/"):]: v for k, v in m.items() if k.startswith("retrieval_2/") and
+            k[len("retrieval_2/"):] in HAND_FOLDS} == pytest.approx(HAND_FOLDS)
+    assert m["retrieval_2/folds"] == 2 and m["retrieval/images"] == 4 and m["retrieval/sentences"] == 4
+    assert m["retrieval/rsum"] == pytest.approx(25 + 100 + 100 + 25 + 100 + 100)
+    table = retrieval_table(m, fold_size=2)
+    assert "| full split (4 images) | 25.0 | 100.0 | 100.0 | 2 | 25.0 | 100.0 | 100.0 | 2 |" in table
+    assert "| 2-image folds (mean of 2) | 100.0 | 100.0 | 100.0 | 1 | 75.0 | 100.0 | 100.0 | 1 |" in table
+    assert "retrieval_2/*: the mean over 2 fold(s) of 2 consecutive images" in table
+
+    # the paper's 1K folds: a 4-image split has none, and says the full split is all there is
+    m = retrieval_from_embeddings(model, _hand_split_of(4))
+    assert not any(k.startswith("retrieval_1k/") for k in m)
+    lines = protocol_lines(m)
+    assert lines[0] == "retrieval/*: the full split, each of 4 images against all 4 sentences and back"
+    assert lines[1].startswith("retrieval_1k/*: none: the split has 4 images, fewer than 1,000")
+    # 3 images in folds of 2: one fold, the last image in none
+    m = retrieval_from_embeddings(_MatrixModel(HAND_S[:3, :3]), _hand_split_of(3), fold_size=2)
+    assert m["retrieval_2/folds"] == 1
+    assert protocol_lines(m, 2)[1].endswith("; the last 1 image(s) are in no fold")
+
+
+def _hand_split_of(n: int):
+    from dvsa.evaluation.alignment_eval import EmbeddedSplit
+
+    idx = torch.arange(n, dtype=torch.float)[:, None, None]
+    return EmbeddedSplit(idx, torch.ones(n, 1, dtype=torch.bool), idx.clone(), torch.ones(n, 1, dtype=torch.bool),
+                         torch.arange(n))

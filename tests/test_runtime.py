@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 from dvsa import runtime
 
 
@@ -52,3 +54,33 @@ def test_temp_dir_for_long_out_dir_is_short_and_linked(tmp_path):
         assert runtime.ray_temp_dir(out) == d
     finally:
         os.rmdir(d)
+
+
+def test_a_joined_cluster_needs_shared_paths_and_a_tracking_server(monkeypatch, tmp_path):
+    """`ray job submit` sets RAY_ADDRESS: relative shard/checkpoint paths (they would resolve in
+    the job's temporary working dir on the head) and the driver-local SQLite default are refused
+    in one line, before Ray; an embedded Ray keeps the laptop defaults."""
+    from dvsa.config import Config, ConfigError
+    from dvsa.train.launch import check_inputs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = Config().replace(**{"task": "align", "data.shards": "runs/data/vg", "out": str(tmp_path)})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    runtime.require_shared_storage(None, {"data.shards": "runs/data/vg"}, None)      # laptop: fine
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError) as e:
+        check_inputs(cfg, "align")
+    assert str(e.value) == (
+        "data.shards=runs/data/vg: a relative path, but this job runs on the Ray cluster at http://127.0.0.1:8265, "
+        "where it would resolve inside the job's temporary working dir on one node; give an absolute path on "
+        "shared storage (e.g. /mnt/efs/dvsa/...) or a URL (s3://...)")
+    shared = cfg.replace(**{"data.shards": "/mnt/efs/dvsa/data/vg"})
+    with pytest.raises(ConfigError, match="^train.storage_path=runs/ray_results: a relative path"):
+        check_inputs(shared, "align")
+    shared = shared.replace(**{"train.storage_path": "s3://bucket/dvsa/ray_results"})
+    with pytest.raises(ConfigError, match="^mlflow.tracking_uri: this job runs on the Ray cluster at "):
+        check_inputs(shared, "align")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    with pytest.raises(Exception, match="no such shard directory: /mnt/efs/dvsa/data/vg"):
+        check_inputs(shared, "align")                      # on to the next check

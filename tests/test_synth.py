@@ -1,10 +1,12 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dvsa.boxes import iou
 from dvsa.data.synth import COLOURS, SynthOptions, write_world
+from dvsa.errors import DvsaError
 from dvsa.text import clean_caption
 
 
@@ -112,3 +114,27 @@ def test_cli_synth(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "w"), "--images", "5", "--seed", "1", "--image-size", "64"]) == 0
     assert len(load(tmp_path / "w" / "vg" / "image_data.json")) == 5
     assert main(["synth", "--out", str(tmp_path / "w"), "--images", "1"]) == 1  # too few: a clear error
+
+
+def test_false_proposals_are_detector_like_and_leave_the_world_unchanged(tmp_path):
+    plain = write_world(tmp_path / "plain", SynthOptions(images=30, image_size=64, seed=4)) and tmp_path / "plain"
+    noisy = tmp_path / "noisy"
+    write_world(noisy, SynthOptions(images=30, image_size=64, seed=4, false_proposals=3))
+    truth = load(noisy / "truth.json")
+    assert truth == {**load(plain / "truth.json"), "options": truth["options"]}    # same objects, sentences
+    assert truth["options"]["false_proposals"] == 3
+    p0, p1 = load(plain / "karpathy" / "proposals.json"), load(noisy / "karpathy" / "proposals.json")
+    kinds = {"background": 0, "straddle": 0}
+    for t in truth["images"]:
+        key, objs = str(t["image_id"]), [o["box"] for o in t["objects"]]
+        assert p1[key][:len(objs)] == p0[key]                    # the true objects' proposals come first
+        extra = p1[key][len(objs):]
+        assert 2 <= len(extra) <= 3                              # one background box may find no room
+        for box in extra:
+            best = max(iou(box, o) for o in objs)
+            assert best < 0.5                                    # no false positive hits an object
+            kinds["background" if best < 0.1 else "straddle"] += 1
+            assert 0 <= box[0] < box[2] <= t["width"] and 0 <= box[1] < box[3] <= t["height"]
+    assert kinds["background"] >= 30 and kinds["straddle"] >= 20
+    with pytest.raises(DvsaError, match="--false-proposals must be >= 0"):
+        write_world(tmp_path / "bad", SynthOptions(false_proposals=-1))

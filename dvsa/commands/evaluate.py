@@ -8,7 +8,9 @@ Loads a trained model (:func:`dvsa.inference.checkpoints.load_trained`) and eval
   ``region/Bleu_1..4``, ``region/ROUGE_L``, ``region/CIDEr``; with ``--on fullframe`` whole
   images against their sentences -> ``fullframe/...``;
 * an alignment model: image-sentence retrieval (:mod:`dvsa.evaluation.alignment_eval`) ->
-  ``retrieval/i2t_r1`` ... ``retrieval/t2i_medr`` (full split) and ``retrieval_1k/...``.
+  ``retrieval/i2t_r1`` ... ``retrieval/t2i_medr`` (full split) and, when the split holds >= 1,000
+  images, ``retrieval_1k/...`` (the mean over its 1K-image folds, the paper's COCO 1K test); a
+  table after the metrics says which figures are which, or that a smaller split has no 1K figures.
 
 Metrics go into the SAME MLflow run the checkpoint came from (found by run id, or by the
 run's ``dvsa.checkpoint`` / ``dvsa.run_dir`` tags), so ``dvsa compare`` sees both captioners
@@ -28,6 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dvsa.evaluation.alignment_eval import retrieval_table
 from dvsa.evaluation.job import EvalRequest, evaluate_checkpoint
 
 HELP = "evaluate a checkpoint (captions: BLEU/METEOR/ROUGE-L/CIDEr; alignment: R@K)"
@@ -71,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", flush=True)
     print(f"{out.task} model {out.checkpoint} on {args.split}:\n{format_metrics(out.metrics)}\n"
           f"  MLflow run {out.run_id} ({out.tracking_uri})\n  outputs: {out.outputs}", flush=True)
+    if "retrieval/images" in out.metrics:
+        print(f"\nretrieval on {args.split} (R@K in %; i2t = image annotation, t2i = image search):\n"
+              f"{retrieval_table(out.metrics)}", flush=True)
     if args.outcome_json:
         Path(args.outcome_json).write_text(json.dumps({"run_id": out.run_id, "tracking_uri": out.tracking_uri,
                                                        "checkpoint": out.checkpoint, "metrics": out.metrics,

@@ -43,7 +43,7 @@ def _encode(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _markers_ok(data: bytes) -> bool:
+def markers_ok(data: bytes) -> bool:
     """JPEG structure: starts with SOI, ends with EOI (trailing zero padding allowed)."""
     return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
@@ -91,7 +91,7 @@ def _fast_copy(data: bytes, max_side: int | None) -> StoredImage | None:
     W, H, comps = frame
     if W <= 0 or H <= 0 or comps not in (1, 3) or (max_side and max(W, H) > max_side):
         return None
-    if not _markers_ok(data):
+    if not markers_ok(data):
         raise BadImage("truncated JPEG (no end-of-image marker)")
     return StoredImage(data, W, H, W, H, "copied")
 
@@ -125,7 +125,7 @@ def prepare_image(data: bytes, max_side: int | None = None, verify: str = "decod
             im = im.convert("RGB")
             return StoredImage(_encode(im), W, H, W, H, "reencoded")
         if verify == "markers":
-            if not _markers_ok(data):
+            if not markers_ok(data):
                 raise BadImage("truncated JPEG (no end-of-image marker)")
         else:
             im.draft(mode, (max(1, W // 8), max(1, H // 8)))

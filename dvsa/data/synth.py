@@ -9,6 +9,10 @@ do. Five full-image sentences per image describe the whole scene ("a red circle 
 blue square on a gray background"): longer, several objects each, as in the paper's contrast
 of region and full-image captions.
 
+``false_proposals=N`` (``dvsa synth --false-proposals N``) adds N detector-like false positives
+to each image's proposals after the true objects' ones: boxes on the background and boxes
+straddling two objects, as a real detector's top-19 would hold.
+
 ``truth.json`` keeps the true objects, which object each region phrase names, and for every
 full sentence the token list with the object each token names (-1 for none) plus its role
 (colour / shape / size / position / other), so word-to-region alignment is scored exactly.
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dvsa.boxes import iou
 from dvsa.errors import DvsaError
 from dvsa.text import clean_caption
 
@@ -70,6 +75,10 @@ class SynthOptions:
     jpeg_quality: int = 90
     box_jitter: float = 0.04   # region boxes: each side moved by up to this fraction of the box size
     proposal_jitter: float = 0.03
+    # detector-like false positives per image, after the true objects' proposals: boxes on the
+    # background (IoU < 0.1 with every object) alternating with boxes straddling two objects
+    # (from one object's centre to the other's: half of each, IoU < 0.5 with both)
+    false_proposals: int = 0
 
     def validate(self) -> None:
         if self.images < 3:
@@ -79,6 +88,8 @@ class SynthOptions:
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise DvsaError("val/test fractions must be in [0, 1) and sum below 1")
+        if self.false_proposals < 0:
+            raise DvsaError(f"--false-proposals must be >= 0, got {self.false_proposals}")
 
 
 def _position(cx: float, cy: float, w: int, h: int) -> str:
@@ -147,6 +158,49 @@ def _jitter(rng: random.Random, box: list[int], frac: float, w: int, h: int) -> 
     return [x1, y1, x2, y2]
 
 
+FALSE_IOU_BACKGROUND = 0.1   # a background box overlaps no object more than this
+FALSE_IOU_STRADDLE = 0.5     # a straddling box matches neither object (IoU >= 0.5 counts as a hit)
+
+
+def _background_box(rng: random.Random, objs: list[dict], w: int, h: int) -> list[int] | None:
+    """An object-sized box on the background (IoU < 0.1 with every object), or None."""
+    for _ in range(50):
+        s = int(round(rng.choice(tuple(SIZES.values())) * min(w, h) * rng.uniform(0.8, 1.2)))
+        x1, y1 = rng.randint(0, w - s), rng.randint(0, h - s)
+        box = [x1, y1, x1 + s, y1 + s]
+        if all(iou(box, o["box"]) < FALSE_IOU_BACKGROUND for o in objs):
+            return box
+    return None
+
+
+def _straddling_box(rng: random.Random, objs: list[dict]) -> list[int] | None:
+    """A box from one object's centre to another's (padded by a quarter of their sides when the
+    centres line up), matching neither object at IoU >= 0.5; or None."""
+    if len(objs) < 2:
+        return None
+    a, b = (o["box"] for o in rng.sample(objs, 2))
+    pad = min(a[2] - a[0], b[2] - b[0]) // 4
+    c = [((a[0] + a[2]) // 2, (a[1] + a[3]) // 2), ((b[0] + b[2]) // 2, (b[1] + b[3]) // 2)]
+    x1, x2 = min(c[0][0], c[1][0]), max(c[0][0], c[1][0])
+    y1, y2 = min(c[0][1], c[1][1]), max(c[0][1], c[1][1])
+    if x2 - x1 < 2 * pad:
+        x1, x2 = x1 - pad, x2 + pad
+    if y2 - y1 < 2 * pad:
+        y1, y2 = y1 - pad, y2 + pad
+    box = [x1, y1, x2, y2]
+    return box if all(iou(box, o["box"]) < FALSE_IOU_STRADDLE for o in objs) else None
+
+
+def false_proposals(rng: random.Random, objs: list[dict], w: int, h: int, n: int) -> list[list[int]]:
+    """Up to ``n`` detector-like false positives: background boxes alternating with straddling ones."""
+    out = []
+    for k in range(n):
+        box = _straddling_box(rng, objs) if k % 2 else _background_box(rng, objs, w, h)
+        if box is not None:
+            out.append(box)
+    return out
+
+
 def _mention(rng: random.Random, o: dict, idx: int, with_size: bool, with_pos: bool) -> list[tuple[str, int, str]]:
     """``[(word, object index or -1, role)]`` for "a [size] colour shape [on the position]"."""
     words = [("a", -1, "other")]
@@ -211,6 +265,7 @@ def write_world(out, opts: SynthOptions | None = None) -> dict:
         d.mkdir(parents=True, exist_ok=True)
     rng = random.Random(opts.seed)
     nrng = np.random.default_rng(opts.seed)
+    false_rng = random.Random(f"false-proposals-{opts.seed}")   # its own stream: the world is otherwise unchanged
 
     ids = list(range(1, opts.images + 1))
     shuffled = ids[:]
@@ -260,7 +315,8 @@ def write_world(out, opts: SynthOptions | None = None) -> dict:
         kp_images.append({"filepath": folder, "filename": f"{image_id}.jpg", "imgid": n,
                           "split": split_of[image_id], "cocoid": image_id, "sentids": sentids,
                           "sentences": sentences})
-        proposals[str(image_id)] = [_jitter(rng, o["box"], opts.proposal_jitter, w, h) for o in objs]
+        proposals[str(image_id)] = ([_jitter(rng, o["box"], opts.proposal_jitter, w, h) for o in objs]
+                                    + false_proposals(false_rng, objs, w, h, opts.false_proposals))
         truth_images.append({"image_id": image_id, "split": split_of[image_id], "width": w, "height": h,
                              "background": background, "objects": objs, "regions": region_truth,
                              "sentences": sent_truth})

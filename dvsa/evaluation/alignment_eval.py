@@ -7,8 +7,13 @@ gives the model), and every one of its sentences (``s float[L, T, h]``; up to
 region captions). Image k and sentence l then score ``S_kl`` with the model's own eq. 8 (or 7),
 block by block (:func:`dvsa.evaluation.retrieval.model_score_fn`), so the N x L matrix is never
 held at once. Reported, both ways (``i2t`` image annotation, ``t2i`` image search): R@1/5/10 in
-percent and the median rank, on the full split (``retrieval/...``) and averaged over 1K-image
-folds (``retrieval_1k/...``, the paper's COCO 1K test; one fold when the split is smaller).
+percent and the median rank, on the full split (``retrieval/...``: every image against every
+sentence of the split, the paper's COCO 5K figures when the split holds 5,000 images) and, when the
+split holds at least 1,000 images, averaged over its ``N // 1000`` folds of 1,000 consecutive
+images (``retrieval_1k/...``, the paper's COCO 1K test; the last ``N mod 1000`` images count in
+the full-split figures only). A smaller split (Flickr8K/30K's test is exactly 1,000; the demo's
+120) has no 1K figures: its full-split R@K is against fewer candidates, so it reads higher than
+a 1K test would. :func:`protocol_lines` says which is which.
 """
 
 from __future__ import annotations
@@ -114,24 +119,72 @@ def embed_split(model, vocab: Vocab, cfg: Config, shards: str, split: str = "tes
                          torch.tensor(sent_img, dtype=torch.long), keys, sentences, dict(skipped))
 
 
-def retrieval_from_embeddings(model, e: EmbeddedSplit, fold_size: int = 1000) -> dict[str, float]:
-    """``retrieval/<k>`` on the whole set and ``retrieval_1k/<k>`` over ``fold_size``-image folds."""
-    model = model.cpu().eval()
-    fn = model_score_fn(model, e.v, e.v_mask, e.s, e.s_mask)
-    n = len(e.v)
-    full = retrieval_metrics(fn, e.sent_img, n_img=n)
-    folds = fold_metrics(fn, e.sent_img, fold_size=fold_size, n_img=n)
-    out = {f"retrieval/{k}": float(v) for k, v in full.items()}
-    out.update({f"retrieval_1k/{k}": float(v) for k, v in folds.items()})
-    for prefix, r in (("retrieval", full), ("retrieval_1k", folds)):
-        out[f"{prefix}/rsum"] = float(sum(r[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
-    out["retrieval/images"] = float(n)
-    out["retrieval/sentences"] = float(len(e.sent_img))
+FOLD_SIZE = 1000   # the paper's COCO 1K test
+
+
+def fold_prefix(fold_size: int) -> str:
+    """The metric prefix of fold-averaged figures: ``retrieval_1k`` for 1,000-image folds."""
+    return f"retrieval_{fold_size // 1000}k" if fold_size % 1000 == 0 else f"retrieval_{fold_size}"
+
+
+def _with_rsum(prefix: str, r: dict) -> dict[str, float]:
+    out = {f"{prefix}/{k}": float(v) for k, v in r.items()}
+    out[f"{prefix}/rsum"] = float(sum(r[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
     return out
 
 
+def retrieval_from_embeddings(model, e: EmbeddedSplit, fold_size: int = FOLD_SIZE) -> dict[str, float]:
+    """``retrieval/<k>`` on the whole set; with >= ``fold_size`` images also ``retrieval_1k/<k>``,
+    the mean over its ``N // fold_size`` folds, and ``retrieval_1k/folds``."""
+    model = model.cpu().eval()
+    fn = model_score_fn(model, e.v, e.v_mask, e.s, e.s_mask)
+    n = len(e.v)
+    out = _with_rsum("retrieval", retrieval_metrics(fn, e.sent_img, n_img=n))
+    out["retrieval/images"] = float(n)
+    out["retrieval/sentences"] = float(len(e.sent_img))
+    if n >= fold_size:
+        prefix = fold_prefix(fold_size)
+        out.update(_with_rsum(prefix, fold_metrics(fn, e.sent_img, fold_size=fold_size, n_img=n)))
+        out[f"{prefix}/folds"] = float(n // fold_size)
+    return out
+
+
+def protocol_lines(metrics: dict, fold_size: int = FOLD_SIZE) -> list[str]:
+    """Which retrieval figures are which, one line each (``dvsa evaluate`` prints them)."""
+    n, sents = int(metrics["retrieval/images"]), int(metrics["retrieval/sentences"])
+    prefix = fold_prefix(fold_size)
+    lines = [f"retrieval/*: the full split, each of {n:,} images against all {sents:,} sentences and back"]
+    folds = int(metrics.get(f"{prefix}/folds", 0))
+    if folds:
+        left = n - folds * fold_size
+        lines.append(f"{prefix}/*: the mean over {folds} fold(s) of {fold_size:,} consecutive images "
+                     f"(the paper's COCO 1K test)" + (f"; the last {left} image(s) are in no fold" if left else ""))
+    else:
+        lines.append(f"{prefix}/*: none: the split has {n:,} images, fewer than {fold_size:,}; the full-split "
+                     f"figures are the only ones (R@K against {n:,} candidates reads higher than a 1K test)")
+    return lines
+
+
+def retrieval_table(metrics: dict, fold_size: int = FOLD_SIZE) -> str:
+    """The retrieval figures as a small table: one row for the full split, one for the fold mean
+    (when there is one), then :func:`protocol_lines`."""
+    cols = [(d, k) for d in ("i2t", "t2i") for k in ("r1", "r5", "r10", "medr")]
+    head = "| figures | " + " | ".join(f"{d} {'Med r' if k == 'medr' else 'R@' + k[1:]}" for d, k in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    prefix = fold_prefix(fold_size)
+    n = int(metrics["retrieval/images"])
+    rows = [("retrieval", f"full split ({n:,} images)")]
+    if metrics.get(f"{prefix}/folds"):
+        rows.append((prefix, f"{fold_size:,}-image folds (mean of {int(metrics[f'{prefix}/folds'])})"))
+    for p, label in rows:
+        cells = [f"{metrics[f'{p}/{d}_{k}']:.0f}" if k == "medr" else f"{metrics[f'{p}/{d}_{k}']:.1f}"
+                 for d, k in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + protocol_lines(metrics, fold_size))
+
+
 def evaluate_retrieval(model, vocab: Vocab, cfg: Config, shards: str, split: str = "test", *,
-                       sentences_per_image: int = 5, max_images: Optional[int] = None, fold_size: int = 1000,
+                       sentences_per_image: int = 5, max_images: Optional[int] = None, fold_size: int = FOLD_SIZE,
                        batch_size: int = 16, device: Optional[str] = None) -> tuple[dict[str, float], EmbeddedSplit]:
     """Retrieval metrics of a loaded alignment model on ``split`` (see module doc)."""
     e = embed_split(model, vocab, cfg, shards, split, sentences_per_image=sentences_per_image,

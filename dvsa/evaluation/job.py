@@ -6,7 +6,8 @@ result into the MLflow run that trained it.
   ``region/Bleu_1..4``, ``region/ROUGE_L``, ``region/CIDEr``; with ``on="fullframe"`` whole
   images against their sentences -> ``fullframe/...``;
 * an alignment model: image-sentence retrieval (:mod:`dvsa.evaluation.alignment_eval`) ->
-  ``retrieval/i2t_r1`` ... ``retrieval/t2i_medr`` (full split) and ``retrieval_1k/...``.
+  ``retrieval/i2t_r1`` ... ``retrieval/t2i_medr`` (full split) and, with >= 1,000 images,
+  ``retrieval_1k/...`` (mean over 1K folds); the notes say which is which.
 
 The model's own settings come from its checkpoint; the evaluation environment (``EVAL_KEYS``:
 where the shards are, ``out``, ``mlflow.*``, ``ray.*``, the decoder) may be set by a preset or
@@ -21,10 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from dvsa import runtime, tracking
-from dvsa.config import Config, ConfigError, flatten, load_config, parse_overrides
+from dvsa.config import Config, ConfigError, flatten, load_config, parse_overrides, read_preset
 from dvsa.errors import DataError, DvsaError
 from dvsa.evaluation.alignment_eval import evaluate_retrieval
 from dvsa.evaluation.regions import RegionEvalOptions, draw_examples, evaluate_regions, sample_table
@@ -45,8 +45,7 @@ def _given_keys(config_file: Optional[str], overrides: list[str]) -> tuple[set, 
     """(keys set in the YAML file, keys set by key=value overrides)."""
     file_keys: set = set()
     if config_file:
-        raw = yaml.safe_load(Path(config_file).read_text()) or {}
-        file_keys = set(flatten(raw)) if isinstance(raw, dict) else set()
+        file_keys = set(flatten(read_preset(config_file)))
     return file_keys, set(parse_overrides(overrides))
 
 
@@ -176,9 +175,12 @@ def evaluate_checkpoint(req: EvalRequest) -> EvalOutcome:
     if req.max_groups is not None and req.max_groups < 1:
         raise DvsaError(f"--max-groups must be >= 1, got {req.max_groups}")
     env, given = environment_config(req.config_file, req.overrides)
+    runtime.require_shared_storage(env.ray.address, {}, env.mlflow.tracking_uri)   # a run id needs a server
     uri = tracking.tracking_uri(Path(env.out).resolve(), env.mlflow.tracking_uri)
     ckpt_dir, trained = check_checkpoint(req.checkpoint, uri)   # a bad checkpoint: one line, before MLflow and Ray
     cfg = merged_config(trained, env, given)
+    runtime.require_shared_storage(cfg.ray.address, {"data.shards": cfg.data.shards},
+                                   env.mlflow.tracking_uri or cfg.mlflow.tracking_uri)
     if not tracking.is_run_id(req.checkpoint):
         # a path: the run lives where its training logged it (unless told otherwise)
         uri = tracking.tracking_uri(Path(cfg.out).resolve(), cfg.mlflow.tracking_uri)

@@ -5,12 +5,16 @@ encoder, and the eq. 8 score vs eq. 7 (Karpathy et al. 2014), trained through th
 Each variant's MLflow run is tagged ``dvsa.ablation=<variant>`` and ``dvsa.ablation_group=<group>``;
 :func:`collect_ablation_table` reads them back (the retrieval metrics the run holds:
 ``retrieval/*`` when the run was evaluated on the test set, else the best validation
-checkpoint's ``best/val/*``) and :func:`format_markdown` prints Table 1.
+checkpoint's ``best/val/*``; a variant trained with several seeds is one row, each figure the
+median over its runs with the range) and :func:`format_markdown` prints Table 1. Other
+variants (any overrides) go through ``run_ablations(..., settings={name: overrides}, seeds=...)``:
+``scripts/align_ablations.py`` runs the demo world's ablations of docs/experiments.md that way.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 from typing import Callable, Mapping, Optional, Sequence
 
 from dvsa import tracking
@@ -34,35 +38,52 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r
 SOURCES = ("retrieval/", "best/val/")
 
 
-def variant_config(cfg: Config, variant: str, overrides: Optional[Mapping] = None, group: str = "table1") -> Config:
-    """The config of one variant: its overrides, a run name and a Ray Train name of its own."""
+def variant_config(cfg: Config, variant: str, overrides: Optional[Mapping] = None, group: str = "table1",
+                   seed: Optional[int] = None) -> Config:
+    """The config of one variant: its overrides, a run name and a Ray Train name of its own
+    (with ``-s<seed>`` and ``train.seed`` when a seed is given)."""
     if variant not in VARIANTS and overrides is None:
         raise DvsaError(f"unknown ablation {variant!r} (known: {', '.join(VARIANTS)})")
     ov = dict(VARIANTS.get(variant, {}) if overrides is None else overrides)
     base_name = cfg.train.name or cfg.name
-    ov.update({"task": "align", "mlflow.run_name": f"{group}-{variant}",
-               "train.name": f"{base_name}-{group}-{variant}"})
+    suffix = "" if seed is None else f"-s{seed}"
+    ov.update({"task": "align", "mlflow.run_name": f"{group}-{variant}{suffix}",
+               "train.name": f"{base_name}-{group}-{variant}{suffix}"})
+    if seed is not None:
+        ov["train.seed"] = seed
     return cfg.replace(**ov)
 
 
 def run_ablations(cfg: Config, variants: Sequence[str] = tuple(VARIANTS), group: str = "table1",
-                  train_fn: Optional[Callable] = None) -> list[dict]:
-    """Train every variant through the train-align job, tag its run, return Table 1's rows."""
+                  train_fn: Optional[Callable] = None, *, settings: Optional[Mapping[str, Mapping]] = None,
+                  seeds: Optional[Sequence[int]] = None,
+                  evaluate_fn: Optional[Callable[[object], dict]] = None) -> list[dict]:
+    """Train every variant (``settings[variant]`` overrides, default :data:`VARIANTS`) once per
+    seed (default: ``cfg.train.seed`` alone) through the train-align job, log ``evaluate_fn(outcome)``
+    (e.g. test-set retrieval) into its run, tag it; return the table's rows."""
     if train_fn is None:
         from dvsa.train.launch import train as train_fn
     uri = None
     for v in variants:
-        vcfg = variant_config(cfg, v, group=group)
-        log.info("ablation %s: %s", v, {k: vcfg.flat()[k] for k in ("align.sentence_encoder", "align.score")})
-        outcome = train_fn(vcfg, "align")
-        uri = outcome.tracking_uri
-        tracking.RunLogger(uri, outcome.run_id).set_tags({ABLATION_TAG: v, GROUP_TAG: group})
-    return collect_ablation_table(uri, cfg.mlflow.experiment, group) if uri else []
+        for seed in (seeds if seeds is not None else [None]):
+            overrides = None if settings is None else settings[v]
+            vcfg = variant_config(cfg, v, overrides, group=group, seed=seed)
+            log.info("ablation %s (seed %s): %s", v, vcfg.train.seed, overrides or VARIANTS.get(v))
+            outcome = train_fn(vcfg, "align")
+            uri = outcome.tracking_uri
+            logger = tracking.RunLogger(uri, outcome.run_id)
+            if evaluate_fn is not None:
+                logger.log_metrics(evaluate_fn(outcome), step=outcome.step)
+            logger.set_tags({ABLATION_TAG: v, GROUP_TAG: group})
+            logger.flush()
+    return collect_ablation_table(uri, cfg.mlflow.experiment, group, order=variants) if uri else []
 
 
-def collect_ablation_table(uri: str, experiment: str, group: str = "table1") -> list[dict]:
-    """Rows ``{variant, label, run_id, source, i2t_r1, ..., t2i_medr}`` of the group's runs
-    (the latest run per variant), in :data:`VARIANTS` order then by name."""
+def collect_ablation_table(uri: str, experiment: str, group: str = "table1",
+                           order: Sequence[str] = tuple(VARIANTS)) -> list[dict]:
+    """Rows ``{variant, label, run_id, runs, seeds, source, i2t_r1, ..., range}`` of the group's
+    runs, one per variant: each metric the median over the variant's runs (its seeds), ``range``
+    metric -> (min, max); ``run_id`` the latest run. In ``order``, then by name."""
     c = tracking.client(uri)
     exp = tracking.retry_locked(c.get_experiment_by_name, experiment)
     if exp is None:
@@ -70,31 +91,42 @@ def collect_ablation_table(uri: str, experiment: str, group: str = "table1") -> 
     runs = tracking.retry_locked(c.search_runs, [exp.experiment_id],
                                  filter_string=f"tags.`{GROUP_TAG}` = '{group}'",
                                  order_by=["attributes.start_time DESC"], max_results=1000)
-    latest: dict[str, object] = {}
+    by_variant: dict[str, list] = {}
     for r in runs:
-        latest.setdefault(r.data.tags.get(ABLATION_TAG, "?"), r)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    rows = []
-    for variant in sorted(latest, key=lambda v: (order.get(v, len(order)), v)):
-        run = latest[variant]
-        metrics = run.data.metrics
-        source = next((p for p in SOURCES if any(f"{p}{m}" in metrics for m in METRICS)), None)
-        row = {"variant": variant, "label": LABELS.get(variant, variant), "run_id": run.info.run_id,
-               "source": (source or "").rstrip("/") or "none"}
-        for m in METRICS:
-            if source and f"{source}{m}" in metrics:
-                row[m] = metrics[f"{source}{m}"]
-        rows.append(row)
-    return rows
+        by_variant.setdefault(r.data.tags.get(ABLATION_TAG, "?"), []).append(r)
+    rank = {v: i for i, v in enumerate(order)}
+    return [_variant_row(v, by_variant[v]) for v in sorted(by_variant, key=lambda v: (rank.get(v, len(rank)), v))]
+
+
+def _variant_row(variant: str, runs: list) -> dict:
+    """One table row from a variant's runs (newest first): the first source in :data:`SOURCES`
+    that any run holds, each metric's median and range over the runs that hold it."""
+    source = next((p for p in SOURCES for r in runs if any(f"{p}{m}" in r.data.metrics for m in METRICS)), None)
+    row: dict = {"variant": variant, "label": LABELS.get(variant, variant), "run_id": runs[0].info.run_id,
+                 "runs": len(runs), "seeds": sorted({r.data.params.get("train.seed", "?") for r in runs}),
+                 "source": (source or "").rstrip("/") or "none", "range": {}}
+    for m in METRICS:
+        values = sorted(r.data.metrics[f"{source}{m}"] for r in runs if source and f"{source}{m}" in r.data.metrics)
+        if values:
+            row[m] = float(statistics.median(values))
+            row["range"][m] = (values[0], values[-1])
+    return row
 
 
 def format_markdown(rows: Sequence[dict]) -> str:
-    head = ["model", "i2t R@1", "R@5", "R@10", "Med r", "t2i R@1", "R@5", "R@10", "Med r", "from"]
+    """Table 1's rows; a figure over several seeds reads ``median (min-max)``."""
+    head = ["model", "i2t R@1", "R@5", "R@10", "Med r", "t2i R@1", "R@5", "R@10", "Med r", "seeds", "from"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"]] + [_fmt(r.get(m), m) for m in METRICS] + [r["source"]]
+        cells = [r["label"]] + [_fmt_range(r, m) for m in METRICS] + [str(r.get("runs", 1)), r["source"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fmt_range(row: dict, metric: str) -> str:
+    text = _fmt(row.get(metric), metric)
+    lo, hi = row.get("range", {}).get(metric, (None, None))
+    return f"{text} ({_fmt(lo, metric)}-{_fmt(hi, metric)})" if lo is not None and lo != hi else text
 
 
 def _fmt(v, metric: str) -> str:

@@ -5,8 +5,11 @@ One row per captioner run of the experiment (tag ``task=caption``): mode (fullfr
 region), cell (rnn | lstm), the region metrics ``dvsa evaluate`` logged (METEOR, BLEU-4,
 CIDEr, ROUGE-L), the number of region queries scored, the run id. Full-frame rows come first
 (Table 5's order), then by cell (rnn, lstm), then by start time; a run that was not
-evaluated yet shows empty cells. Alignment runs (``task=align``) get a retrieval table:
-sentence encoder, score (eq. 8 / eq. 7), R@1/5/10 and median rank both ways.
+evaluated yet shows empty cells. Alignment runs (``task=align``) get a retrieval table (Table 1):
+sentence encoder, score (eq. 8 / eq. 7), R@1/5/10 and median rank both ways on the full test
+split (``retrieval/*``). Runs that share a config and differ only in ``train.seed`` (and where
+they wrote: :data:`NOT_THE_MODEL`) are one row: each figure the median over the runs, its range
+in brackets, ``seeds`` the seeds, ``setting`` the params that tell this row from the others.
 
 Written as Markdown, ``compare.csv`` (+ ``compare_retrieval.csv``) and ``compare.md``.
 """
@@ -14,6 +17,7 @@ Written as Markdown, ``compare.csv`` (+ ``compare_retrieval.csv``) and ``compare
 from __future__ import annotations
 
 import csv
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -24,10 +28,14 @@ CAPTION_COLUMNS = ("mode", "cell", "METEOR", "BLEU-4", "CIDEr", "ROUGE-L", "quer
 CAPTION_METRICS = {"METEOR": "region/METEOR", "BLEU-4": "region/Bleu_4", "CIDEr": "region/CIDEr",
                    "ROUGE-L": "region/ROUGE_L", "queries": "region/queries"}
 RETRIEVAL_COLUMNS = ("encoder", "score", "i2t R@1", "i2t R@5", "i2t R@10", "i2t medr",
-                     "t2i R@1", "t2i R@5", "t2i R@10", "t2i medr", "images", "run_id", "run_name")
+                     "t2i R@1", "t2i R@5", "t2i R@10", "t2i medr", "images", "seeds", "setting", "run_id",
+                     "run_name")
 RETRIEVAL_METRICS = {f"{d} {m}": f"retrieval/{d}_{k}" for d in ("i2t", "t2i")
                      for m, k in (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"))}
 RETRIEVAL_METRICS["images"] = "retrieval/images"
+#: params that say where a run went or which seed it drew, not which model it trained
+NOT_THE_MODEL = ("train.seed", "train.name", "train.storage_path", "out", "mlflow.", "ray.", "tune.",
+                 "train.max_failures", "train.start_timeout_s", "train.log_every")
 _MODE_ORDER = {"fullframe": 0, "region": 1}
 _CELL_ORDER = {"rnn": 0, "lstm": 1}
 
@@ -67,19 +75,46 @@ def caption_rows(runs) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "_start"} for row in rows]
 
 
+def model_params(params: dict) -> dict:
+    """A run's params less :data:`NOT_THE_MODEL`: what makes runs the same config."""
+    return {k: v for k, v in params.items() if not k.startswith(NOT_THE_MODEL)}
+
+
+def _median_range(values: list) -> tuple:
+    """(median, min, max) of the values present, or (None, None, None)."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None, None, None
+    return float(statistics.median(vals)), vals[0], vals[-1]
+
+
 def retrieval_rows(runs) -> list[dict]:
+    """One row per config (runs differing only in the seed aggregated), in the order each
+    config's first run started."""
+    groups: dict[tuple, list] = {}
+    for r in sorted((r for r in runs if r.data.tags.get("task") == "align"), key=lambda r: r.info.start_time or 0):
+        groups.setdefault(tuple(sorted(model_params(r.data.params).items())), []).append(r)
+    differing = _differing_keys([dict(k) for k in groups])
     rows = []
-    for r in runs:
-        if r.data.tags.get("task") != "align":
-            continue
-        row = {"encoder": r.data.params.get("align.sentence_encoder", ""),
-               "score": r.data.params.get("align.score", "")}
-        for col, key in RETRIEVAL_METRICS.items():
-            row[col] = r.data.metrics.get(key)
-        row.update(run_id=r.info.run_id, run_name=r.info.run_name or "", _start=r.info.start_time or 0)
+    for key, members in groups.items():
+        params = dict(key)
+        first = members[0]
+        row: dict = {"encoder": params.get("align.sentence_encoder", ""), "score": params.get("align.score", ""),
+                     "_range": {}}
+        for col, metric in RETRIEVAL_METRICS.items():
+            row[col], lo, hi = _median_range([m.data.metrics.get(metric) for m in members])
+            if len(members) > 1 and lo != hi:
+                row["_range"][col] = (lo, hi)
+        row.update(seeds=",".join(m.data.params.get("train.seed", "?") for m in members),
+                   setting=", ".join(f"{k}={params.get(k, '')}" for k in differing),
+                   run_id=",".join(m.info.run_id for m in members), run_name=first.info.run_name or "")
         rows.append(row)
-    rows.sort(key=lambda x: x["_start"])
-    return [{k: v for k, v in row.items() if k != "_start"} for row in rows]
+    return rows
+
+
+def _differing_keys(configs: list[dict]) -> list[str]:
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({c.get(k) for c in configs}) > 1]
 
 
 def _cell(value, column: str) -> str:
@@ -94,10 +129,17 @@ def _cell(value, column: str) -> str:
     return str(value)
 
 
+def _cell_with_range(row: dict, column: str) -> str:
+    text = _cell(row.get(column), column)
+    lo_hi = row.get("_range", {}).get(column)
+    return f"{text} ({_cell(lo_hi[0], column)}-{_cell(lo_hi[1], column)})" if lo_hi else text
+
+
 def markdown(rows: list[dict], columns) -> str:
+    """A Markdown table; an aggregated figure reads ``median (min-max)``."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell_with_range(row, c) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -106,7 +148,7 @@ def write_csv(rows: list[dict], columns, path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(columns)
         for row in rows:
-            w.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+            w.writerow(["" if row.get(c) is None else row.get(c) for c in columns])   # aggregated: the median
     return path
 
 

@@ -19,6 +19,7 @@ from dvsa.ingest.decode import decode_resize, scale_boxes
 from dvsa.ingest.torch_batches import (
                                        IMAGENET_MEAN,
                                        IMAGENET_STD,
+                                       device_decode_size,
                                        iter_eval_batches,
                                        iter_train_batches,
                                        normalize_images,
@@ -27,6 +28,6 @@ from dvsa.ingest.torch_batches import (
 
 __all__ = [
     "SkipCounter", "build_dataset", "caption_len", "dataset_paths", "decode_resize", "scale_boxes",
-    "IMAGENET_MEAN", "IMAGENET_STD", "iter_eval_batches", "iter_train_batches",
+    "IMAGENET_MEAN", "IMAGENET_STD", "device_decode_size", "iter_eval_batches", "iter_train_batches",
     "normalize_images", "to_model_inputs",
 ]

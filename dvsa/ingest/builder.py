@@ -7,7 +7,9 @@ Input columns (``read_webdataset(decoder=None)``): ``jpg`` (or ``npy`` for featu
   ``inputs int64[B,R,T]``, ``targets int64[B,R,T]``, ``image_id int64[B]``;
 - align: ``images``, ``boxes float32[B,M,4]``, ``box_mask bool[B,M]``, ``tokens int64[B,T]``,
   ``lengths int64[B]``, ``image_id int64[B]``;
-- feature shards: ``feats float32[B,R|M,D]`` in place of ``images``.
+- feature shards: ``feats float32[B,R|M,D]`` in place of ``images``;
+- ``data.jpeg_decoder=gpu``: ``jpeg`` (an object column of the stored JPEG bytes, checked and
+  sized from the header only) in place of ``images``: the train worker decodes the batch.
 
 Seeded draws (which regions, which sentence) use ``numpy.random.default_rng([seed, epoch +
 pass, crc32(key)])``, where ``pass`` is Ray Data's execution index of the dataset, so one
@@ -27,7 +29,7 @@ import numpy as np
 
 from dvsa.data.shards import BAD_JSON, RawSample, parse_row
 from dvsa.ingest.counter import SkipCounter
-from dvsa.ingest.decode import CorruptImage, decode_resize, scale_boxes
+from dvsa.ingest.decode import CorruptImage, decode_resize, jpeg_size, scale_boxes
 from dvsa.ingest.samples import (
     BAD_FIELDS,
     ERROR_COLUMN,
@@ -68,7 +70,8 @@ class IngestSpec:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one output row (every column), to size Ray Data blocks in rows."""
+        """Bytes of one output row (every column), to size Ray Data blocks in rows (the ``gpu``
+        decoder's JPEG bytes are counted as the decoded image: a stored JPEG is of that order)."""
         n, t = self.rows, self.token_len
         payload = n * self.feat_dim * 4 if self.features else 3 * self.image_size ** 2
         tokens = (t + 1) * 8 if self.layout == "align" else 2 * n * t * 8
@@ -163,6 +166,12 @@ class BatchBuilder:
                     raise Skip("bad_features", f"row {fr} of a {tuple(feats.shape)} feature matrix")
                 picked[r] = feats[fr]
             row["feats"] = picked
+        elif spec.decoder == "gpu":         # the train worker decodes: pass the bytes on
+            try:
+                width, height = jpeg_size(payload)
+            except CorruptImage as e:
+                raise Skip("corrupt_image", str(e)) from None
+            row["jpeg"] = payload
         else:
             try:
                 row["images"], (width, height) = decode_resize(payload, spec.image_size, spec.decoder)
@@ -193,7 +202,8 @@ class BatchBuilder:
     # ----------------------------------------------------------------- stacking
     def _stack(self, rows: list[dict]) -> dict:
         if rows:
-            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            return {k: _bytes_column([r[k] for r in rows]) if k == "jpeg" else np.stack([r[k] for r in rows])
+                    for k in rows[0]}
         return self.empty()
 
     def empty(self) -> dict:
@@ -203,6 +213,8 @@ class BatchBuilder:
         out = {"image_id": np.zeros(0, np.int64)}
         if spec.features:
             out["feats"] = np.zeros((0, n, spec.feat_dim), np.float32)
+        elif spec.decoder == "gpu":
+            out["jpeg"] = _bytes_column([])
         else:
             out["images"] = np.zeros((0, 3, s, s), np.uint8)
         out["boxes"] = np.zeros((0, n, 4), np.float32)
@@ -241,6 +253,14 @@ class ChunkedBatchBuilder(BatchBuilder):
                 yield out
         if not yielded:                  # every row skipped: one empty batch keeps the schema
             yield self.empty()
+
+
+def _bytes_column(values: list) -> np.ndarray:
+    """An object array of ``bytes`` (``np.stack`` would make a fixed-width ``S`` array, which
+    drops trailing NUL bytes when read back)."""
+    col = np.empty(len(values), dtype=object)
+    col[:] = values
+    return col
 
 
 def _load_npy(data: bytes) -> np.ndarray:

@@ -7,6 +7,10 @@ Two decoders, both producing the same geometry (the whole image stretched to S x
   is decoded at 320x240, then resized with a bilinear filter.
 - ``"torchvision"``: ``torchvision.io.decode_jpeg`` at full size, then
   ``torchvision.transforms.v2.functional.resize`` (antialiased bilinear).
+- ``"gpu"``: the same decode and resize, but of a whole batch on the train worker's device
+  (:func:`decode_jpeg_batch`; nvJPEG on CUDA): Ray Data only reads the JPEG's header
+  (:func:`jpeg_size`) and passes its bytes on. Single images (inference, ``dvsa features``)
+  decode as ``"torchvision"`` on the CPU.
 
 ``benchmarks/ingest.py`` measures both; the default (``data.jpeg_decoder``) is the faster.
 Boxes are given in pixels of the stored JPEG (its header size, not a decoded draft size).
@@ -15,11 +19,17 @@ Boxes are given in pixels of the stored JPEG (its header size, not a decoded dra
 from __future__ import annotations
 
 import io
-from typing import Literal
+import logging
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-JpegDecoder = Literal["pil", "torchvision"]
+if TYPE_CHECKING:  # torch is imported lazily: Ray Data decode tasks of the pil path never need it
+    import torch
+
+log = logging.getLogger(__name__)
+
+JpegDecoder = Literal["pil", "torchvision", "gpu"]
 
 
 class CorruptImage(ValueError):
@@ -32,9 +42,60 @@ def decode_resize(jpg: bytes, size: int, decoder: JpegDecoder = "pil") -> tuple[
         raise CorruptImage("empty image bytes")
     if decoder == "pil":
         return _decode_pil(jpg, size)
-    if decoder == "torchvision":
+    if decoder in ("torchvision", "gpu"):
         return _decode_torchvision(jpg, size)
-    raise ValueError(f"unknown JPEG decoder {decoder!r} (allowed: 'pil', 'torchvision')")
+    raise ValueError(f"unknown JPEG decoder {decoder!r} (allowed: 'pil', 'torchvision', 'gpu')")
+
+
+def jpeg_size(jpg: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a JPEG's header, without decoding it (the ``gpu`` decoder's
+    ingest side); raises CorruptImage for anything the batch decoder could not take: not a
+    baseline/progressive RGB or greyscale JPEG, or truncated (no end-of-image marker)."""
+    from dvsa.data.images import jpeg_frame, markers_ok
+
+    if not jpg:
+        raise CorruptImage("empty image bytes")
+    frame = jpeg_frame(jpg)
+    if frame is None:
+        raise CorruptImage("not a JPEG whose header names its frame size")
+    width, height, components = frame
+    if width <= 0 or height <= 0 or components not in (1, 3):
+        raise CorruptImage(f"unsupported JPEG frame {width}x{height} with {components} components")
+    if not markers_ok(jpg):
+        raise CorruptImage("truncated JPEG (no end-of-image marker)")
+    return width, height
+
+
+def decode_jpeg_batch(jpegs: Sequence[bytes], size: int, device: "torch.device | str") -> "torch.Tensor":
+    """JPEG bytes -> uint8 ``[B, 3, size, size]`` on ``device``: one batched
+    ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), then an antialiased bilinear resize per
+    image, as the ``torchvision`` decoder does on the CPU. An image that still fails to decode
+    (damage inside the entropy-coded stream, which the header check cannot see) becomes black
+    and is logged."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    try:
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = [_decode_or_none(d, device) for d in data]
+    out = torch.zeros((len(data), 3, size, size), dtype=torch.uint8, device=device)
+    for i, chw in enumerate(decoded):
+        if chw is not None:
+            out[i] = chw if chw.shape[1:] == (size, size) else TF.resize(chw, [size, size], antialias=True)
+    return out
+
+
+def _decode_or_none(data: "torch.Tensor", device) -> "torch.Tensor | None":
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        log.warning("decode_jpeg_batch: an image of the batch does not decode (%s); it is black", e)
+        return None
 
 
 def _decode_pil(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:

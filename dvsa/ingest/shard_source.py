@@ -3,7 +3,9 @@
 ``ray.data.read_webdataset`` raises on a truncated or corrupt tar (``tarfile.ReadError``, in
 one traceback per retry, the shard never named) and says nothing when a shard was cut between
 two members (Python's tar reader then just stops). This datasource reads the same members with
-webdataset's own tar iterator and key grouping, and turns both cases into data: the samples
+webdataset's tar iteration and key grouping rules (:func:`tar_members`, :func:`group_samples`:
+ported, because importing ``webdataset`` imports torch, seconds and ~300 MB in every fresh
+Ray worker process that reads a shard), and turns both cases into data: the samples
 read before the break are delivered, followed by one *marker row* (``__key__`` empty,
 ``__url__`` the shard, ``__error__`` what broke, ``__lost__`` how many samples were not
 delivered, from the manifest's count when it has one). The batch builder counts the marker
@@ -17,6 +19,7 @@ Blocks are pandas frames of up to :data:`ROWS_PER_BLOCK` samples, raw member byt
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -55,24 +58,18 @@ def read_shard(stream, path: str, suffixes: Iterable[str], expected: Optional[in
     """The pandas blocks of one shard read from ``stream``: its samples, then a marker row if the
     archive breaks off (a tar error, or fewer than ``expected`` samples)."""
     import pandas as pd
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    def members():
-        for member in tar_file_iterator(stream):
-            member["__url__"] = path
-            yield member
 
     rows: list[dict] = []
     read, error = 0, None
     try:
-        for sample in group_by_keys(members(), suffixes=set(suffixes)):
+        for sample in group_samples(tar_members(stream), path, set(suffixes)):
             rows.append(sample)
             read += 1
             if len(rows) >= ROWS_PER_BLOCK:
                 yield pd.DataFrame.from_records(rows)
                 rows = []
     except _BROKEN as e:
-        text = str(e).splitlines()[0].split(" @ ")[0] if str(e) else "unreadable"  # drop webdataset's " @ <stream>"
+        text = str(e).splitlines()[0] if str(e) else "unreadable"
         error = f"{type(e).__name__}: {text} (after {read} samples)"
     if rows:
         yield pd.DataFrame.from_records(rows)
@@ -81,6 +78,44 @@ def read_shard(stream, path: str, suffixes: Iterable[str], expected: Optional[in
     if error is not None:
         lost = max(1, expected - read) if expected is not None else 1
         yield pd.DataFrame.from_records([marker(path, error, lost)])
+
+
+_META = re.compile(r"__[^/]*__($|/)")          # webdataset's skip_meta: __name__ members
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")   # webdataset's base_plus_ext
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of the regular files of a tar stream, in order, without webdataset's
+    metadata members (``__name__``), as ``webdataset.tariterators.tar_file_iterator``."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        member = tar.extractfile(info) if info.isreg() and not _META.match(info.name) else None
+        if member is not None:
+            yield info.name, member.read()
+        tar.members = []                          # a stream: keep no TarInfo list
+
+
+def group_samples(members: Iterable[tuple[str, bytes]], path: str, suffixes: set[str]) -> Iterator[dict]:
+    """Consecutive members with the same key (the name up to the first dot of its last part)
+    -> one sample ``{__key__, __url__, <suffix>: bytes...}`` keeping only ``suffixes``, as
+    ``webdataset.tariterators.group_by_keys``; a kept suffix twice in one sample (members of a
+    key not adjacent in the tar) raises ValueError."""
+    current: Optional[dict] = None
+    for name, data in members:
+        match = _KEY_EXT.match(name)
+        if match is None:
+            continue
+        key, suffix = match.group(1), match.group(2).lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": path}
+        if suffix in current:
+            raise ValueError(f"{name}: duplicate file name in tar file {suffix}")
+        if suffix in suffixes:
+            current[suffix] = data
+    if current is not None:
+        yield current
 
 
 def marker(path: str, error: str, lost: int) -> dict:

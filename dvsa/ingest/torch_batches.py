@@ -3,7 +3,9 @@
 ``dataset_shard`` is what ``ray.train.get_dataset_shard(name)`` returns (a DataIterator) or a
 Dataset. On CUDA the host tensors are pinned and copied with ``non_blocking=True``; on the CPU
 they are used as they are. Images stay uint8 until :func:`normalize_images` runs on the device
-(4x less to copy than float32).
+(4x less to copy than float32). With ``jpeg_size`` (``data.jpeg_decoder=gpu``) the batches
+carry JPEG bytes (``jpeg``) instead of ``images``: they are decoded and resized on the device
+(:func:`dvsa.ingest.decode.decode_jpeg_batch`), after the other columns' copy is queued.
 """
 
 from __future__ import annotations
@@ -42,31 +44,65 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop_last: bool,
-             shuffle_buffer: Optional[int], shuffle_seed: Optional[int]) -> Iterator[dict]:
+def _pinned_tensors(batch: dict, pin: bool) -> dict:
+    """A numpy batch with a ``jpeg`` bytes column -> torch tensors (pinned when ``pin``), the
+    JPEG bytes as a list."""
+    import warnings
+
     import torch
+
+    out: dict = {}
+    for k, v in batch.items():
+        if k == "jpeg":
+            out[k] = list(v)
+            continue
+        with warnings.catch_warnings():   # Arrow-backed arrays are read-only; the loop never writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(v)
+        out[k] = t.pin_memory() if pin else t
+    return out
+
+
+def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop_last: bool,
+             shuffle_buffer: Optional[int], shuffle_seed: Optional[int], jpeg_size: int) -> Iterator[dict]:
+    import torch
+
+    from dvsa.ingest.decode import decode_jpeg_batch
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    it = dataset_shard.iter_torch_batches(
-        batch_size=batch_size, prefetch_batches=prefetch_batches, device="cpu",
-        drop_last=drop_last, pin_memory=cuda,
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=shuffle_seed if shuffle_buffer else None,
-    )
-    for batch in it:
-        yield _to_device(batch, device)
+    kwargs = dict(batch_size=batch_size, prefetch_batches=prefetch_batches, drop_last=drop_last,
+                  local_shuffle_buffer_size=shuffle_buffer or None,
+                  local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
+    if jpeg_size:   # a bytes column: iter_torch_batches cannot convert it
+        batches = (_pinned_tensors(b, cuda) for b in dataset_shard.iter_batches(batch_format="numpy", **kwargs))
+    else:
+        batches = dataset_shard.iter_torch_batches(device="cpu", pin_memory=cuda, **kwargs)
+    for batch in batches:
+        jpegs = batch.pop("jpeg", None)
+        batch = _to_device(batch, device)
+        if jpegs is not None:
+            batch["images"] = decode_jpeg_batch(jpegs, jpeg_size, device)
+        yield batch
 
 
 def iter_train_batches(dataset_shard, batch_size: int, device="cpu", prefetch_batches: int = 2,
                        epoch: int = 0, seed: int = 0, *, shuffle_buffer: int = 256,
-                       drop_last: bool = False) -> Iterator[dict]:
+                       drop_last: bool = False, jpeg_size: int = 0) -> Iterator[dict]:
     """Training batches: rows drawn through a local shuffle buffer of ``shuffle_buffer`` rows
-    seeded by ``(seed, epoch)`` (0 turns it off), prefetched, on ``device``."""
+    seeded by ``(seed, epoch)`` (0 turns it off), prefetched, on ``device``; ``jpeg_size`` > 0:
+    the rows carry JPEG bytes, decoded on ``device`` to that size."""
     return _iterate(dataset_shard, batch_size, device, prefetch_batches, drop_last,
-                    shuffle_buffer, mix_seed(seed, epoch))
+                    shuffle_buffer, mix_seed(seed, epoch), jpeg_size)
 
 
-def iter_eval_batches(dataset_shard, batch_size: int, device="cpu", prefetch_batches: int = 2) -> Iterator[dict]:
+def iter_eval_batches(dataset_shard, batch_size: int, device="cpu", prefetch_batches: int = 2, *,
+                      jpeg_size: int = 0) -> Iterator[dict]:
     """Validation/test batches: in order, every row (no shuffle, last partial batch kept)."""
-    return _iterate(dataset_shard, batch_size, device, prefetch_batches, False, None, None)
+    return _iterate(dataset_shard, batch_size, device, prefetch_batches, False, None, None, jpeg_size)
+
+
+def device_decode_size(cfg) -> int:
+    """``jpeg_size`` for the iterators: ``data.image_size`` when ``data.jpeg_decoder=gpu`` (and
+    the rows are not precomputed features), else 0 (the rows carry decoded images)."""
+    return cfg.data.image_size if cfg.data.jpeg_decoder == "gpu" and not cfg.data.features else 0

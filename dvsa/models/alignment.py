@@ -1,6 +1,7 @@
 """The alignment model of section 3.1: regions and words in one h-dimensional space.
 
 Regions (eq. 1)::   v_i = W_m CNN(I_b) + b_m
+                    (``model.box_geometry``: + W_g g(b), g = (x1, y1, x2, y2, area) of box b over the image side)
 Words (eq. 2-6)::   x_t = W_w I_t
                     e_t = f(W_e x_t + b_e)
                     h^f_t = f(e_t + W_f h^f_{t-1} + b_f)
@@ -9,6 +10,7 @@ Words (eq. 2-6)::   x_t = W_w I_t
                     (``align.sentence_encoder=bow``: s_t = f(W_d e_t + b_d), no context)
 Score (eq. 8)::     S_kl = sum_t max_i v_i^T s_t
       (eq. 7)::     S_kl = sum_t sum_i max(0, v_i^T s_t)
+                    (``align.word_pool=mean``: either divided by the sentence's length |l|)
 Loss (eq. 9)::      sum_k [ sum_l max(0, S_kl - S_kk + margin) + sum_l max(0, S_lk - S_kk + margin) ]
                     (``align.loss=hardest``: only the hardest negative of each row/column, VSE++)
 """
@@ -127,6 +129,18 @@ class SentenceEncoder(nn.Module):
         return torch.stack(out, dim=1)
 
 
+GEOMETRY_DIM = 5
+
+
+def box_geometry(boxes: Tensor, width: int, height: int) -> Tensor:
+    """g(b) = (x1/W, y1/H, x2/W, y2/H, area/(W H)) for boxes float[K, 4] (x1, y1, x2, y2) -> float[K, 5]:
+    where a region is, which RoI-pooled appearance barely encodes ("on the left")."""
+    scale = boxes.new_tensor([width, height, width, height])
+    g = boxes / scale
+    area = ((g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]))[:, None]
+    return torch.cat([g, area], dim=1)
+
+
 def _reverse_within_length(lengths: Tensor, T: int) -> Tensor:
     """Index [L, T]: position t -> length-1-t for t < length, else t (an involution)."""
     t = torch.arange(T, device=lengths.device)[None, :]
@@ -155,6 +169,8 @@ class AlignmentModel(nn.Module):
             raise ValueError(f"feat_dim={feat_dim} differs from the {model_cfg.backbone} encoder's "
                              f"{self.encoder.feat_dim}")
         self.W_m = nn.Linear(self.feat_dim, model_cfg.embed_dim)     # eq. 1 (with b_m)
+        self.W_g: Optional[nn.Linear] = (nn.Linear(GEOMETRY_DIM, model_cfg.embed_dim, bias=False)
+                                         if model_cfg.box_geometry else None)
         self.feat_drop = nn.Dropout(model_cfg.dropout)
         self.sentence = SentenceEncoder(vocab_size, model_cfg.word_dim, model_cfg.hidden_dim,
                                         model_cfg.embed_dim, align_cfg.sentence_encoder,
@@ -187,11 +203,21 @@ class AlignmentModel(nn.Module):
         v_mask = torch.arange(M, device=feats.device)[None, :] < torch.tensor(counts, device=feats.device)[:, None]
         padded = feats.new_zeros(B, M, feats.shape[-1])
         padded[v_mask] = feats
-        return self.embed_region_features(padded, v_mask)
+        geometry = None
+        if self.W_g is not None:
+            geometry = feats.new_zeros(B, M, GEOMETRY_DIM)
+            geometry[v_mask] = box_geometry(torch.cat(box_list).to(feats), images.shape[-1], images.shape[-2])
+        return self.embed_region_features(padded, v_mask, geometry)
 
-    def embed_region_features(self, feats: Tensor, v_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Eq. 1 on CNN features float[B,M,feat_dim] -> (v float[B,M,h], v_mask bool[B,M])."""
+    def embed_region_features(self, feats: Tensor, v_mask: Tensor,
+                              geometry: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Eq. 1 on CNN features float[B,M,feat_dim] (+ ``W_g g(b)`` from ``geometry float[B,M,5]``
+        with ``model.box_geometry``) -> (v float[B,M,h], v_mask bool[B,M])."""
         v = self.W_m(self.feat_drop(feats))                           # [B, M, h]
+        if self.W_g is not None:
+            if geometry is None:
+                raise ValueError("model.box_geometry: the region embedding needs the boxes (not features alone)")
+            v = v + self.W_g(geometry)
         return v * v_mask[:, :, None], v_mask.bool()
 
     # ----------------------------------------------------------------- sentences
@@ -201,9 +227,13 @@ class AlignmentModel(nn.Module):
 
     # ----------------------------------------------------------------- scores
     def scores(self, v: Tensor, v_mask: Tensor, s: Tensor, s_mask: Tensor) -> Tensor:
-        """S float[B, L] for every image x sentence, by ``align.score`` (eq. 8 or eq. 7)."""
+        """S float[B, L] for every image x sentence, by ``align.score`` (eq. 8 or eq. 7),
+        summed over each sentence's words or (``align.word_pool=mean``) averaged."""
         fn = score_eq8 if self.align_cfg.score == "eq8" else score_eq7
-        return fn(v, v_mask, s, s_mask)
+        S = fn(v, v_mask, s, s_mask)
+        if self.align_cfg.word_pool == "mean":
+            S = S / s_mask.sum(dim=1).clamp(min=1)[None, :]         # 1/|l| sum_t ...
+        return S
 
     @staticmethod
     def word_region_scores(v: Tensor, v_mask: Tensor, s: Tensor, s_mask: Tensor) -> Tensor:

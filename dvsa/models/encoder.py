@@ -163,7 +163,9 @@ def boxes_from_padded(boxes: Tensor, box_mask: Tensor) -> list[Tensor]:
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or box_mask.shape != boxes.shape[:2]:
         raise ValueError(f"boxes must be [B,M,4] with box_mask [B,M], got {tuple(boxes.shape)} "
                          f"and {tuple(box_mask.shape)}")
-    return [boxes[b][box_mask[b]] for b in range(boxes.shape[0])]
+    # two host reads in all (the masked-in rows, the count per image), not one per image
+    rows = boxes[box_mask]                                             # [sum K_b, 4], image by image
+    return list(rows.split(box_mask.sum(dim=1).tolist()))
 
 
 class ImageEncoder(nn.Module):
@@ -187,9 +189,17 @@ class ImageEncoder(nn.Module):
         self.trunk, self.head = _build_backbone(backbone, weights)
         self.feat_dim = FEAT_DIMS[backbone]
         self.trainable = bool(trainable)
+        self.memory_format = torch.contiguous_format   # of the CNN's input (see use_channels_last)
         if not self.trainable:
             for p in self.parameters():
                 p.requires_grad_(False)
+
+    def use_channels_last(self) -> "ImageEncoder":
+        """Channels-last (NHWC) weights and inputs for the CNN (``train.channels_last``): cuDNN's
+        fastest convolutions under bf16 autocast take NHWC; values are unchanged."""
+        self.memory_format = torch.channels_last
+        self.trunk.to(memory_format=torch.channels_last)
+        return self
 
     def train(self, mode: bool = True) -> "ImageEncoder":
         # A frozen CNN keeps its BatchNorm statistics and dropout in inference mode.
@@ -211,7 +221,7 @@ class ImageEncoder(nn.Module):
 
     # ours: one pass per image, RoIAlign on the shared map
     def _roi_align_features(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
-        fmap = self.trunk(images)                                      # [B, C, H/s, W/s]
+        fmap = self.trunk(images.contiguous(memory_format=self.memory_format))   # [B, C, H/s, W/s]
         scale = 2.0 ** round(math.log2(fmap.shape[-1] / images.shape[-1]))
         pooled = roi_align(fmap, boxes, output_size=self.roi_size, spatial_scale=scale,
                            sampling_ratio=2, aligned=True)            # [sum K, C, r, r]
@@ -233,7 +243,7 @@ class ImageEncoder(nn.Module):
         out = []
         for i in range(0, len(crops), self.crop_batch):
             batch = torch.stack(crops[i:i + self.crop_batch])          # [k, 3, crop, crop]
-            fmap = self.trunk(batch)                                   # [k, C, crop/s, crop/s]
+            fmap = self.trunk(batch.contiguous(memory_format=self.memory_format))   # [k, C, crop/s, crop/s]
             out.append(self.head.whole_map(fmap))                      # [k, feat_dim]
         return torch.cat(out)                                          # [sum K, feat_dim]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -10,20 +10,44 @@ from torch import nn
 from dvsa.config import TrainConfig
 
 
-def build_optimizer(params: Iterable, train_cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``train.optimizer``: adam | rmsprop | sgd, with ``train.lr``, ``weight_decay``
-    (the L2 term alpha of eq. 9) and ``momentum`` (sgd). Frozen parameters are left out."""
+def build_optimizer(params: Iterable, train_cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """``train.optimizer``: adam | rmsprop | sgd, with ``lr`` (default ``train.lr``; the train
+    loop passes the linearly scaled one, :func:`dvsa.train.common.scaled_lr`), ``weight_decay``
+    (the L2 term alpha of eq. 9), ``momentum`` (sgd) and the kernels ``train.optimizer_impl``
+    picks for the parameters' device. Frozen parameters are left out."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("build_optimizer: no trainable parameters")
-    name, lr, wd = train_cfg.optimizer, train_cfg.lr, train_cfg.weight_decay
+    name, wd = train_cfg.optimizer, train_cfg.weight_decay
+    lr = train_cfg.lr if lr is None else lr
+    kernels = optimizer_kernels(train_cfg.optimizer_impl, name, params[0].device.type)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **kernels)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.95, eps=1e-8, weight_decay=wd)
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.95, eps=1e-8, weight_decay=wd, **kernels)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum, weight_decay=wd, **kernels)
     raise ValueError(f"train.optimizer: {name!r} is not one of 'adam', 'rmsprop', 'sgd'")
+
+
+#: optimizers with a fused (one kernel for every parameter) implementation in torch
+FUSED_OPTIMIZERS = ("adam", "sgd")
+
+
+def optimizer_kernels(impl: str, optimizer: str, device_type: str) -> dict[str, Any]:
+    """The torch optimizer's ``fused``/``foreach`` keyword for ``train.optimizer_impl``: ``auto``
+    is fused on CUDA (foreach for rmsprop, which has no fused kernel) and foreach elsewhere;
+    ``for_loop`` is the per-parameter reference implementation."""
+    if impl == "auto":
+        impl = "fused" if device_type == "cuda" and optimizer in FUSED_OPTIMIZERS else "foreach"
+    if impl == "fused":
+        if optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(f"train.optimizer_impl: torch has no fused {optimizer} "
+                             f"(fused: {', '.join(FUSED_OPTIMIZERS)})")
+        return {"fused": True}
+    if impl in ("foreach", "for_loop"):
+        return {"foreach": impl == "foreach"}
+    raise ValueError(f"train.optimizer_impl: {impl!r} is not one of 'auto', 'fused', 'foreach', 'for_loop'")
 
 
 def clip_gradients(model_or_params: Union[nn.Module, Iterable], value: float, mode: str = "value") -> None:

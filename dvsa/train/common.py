@@ -35,6 +35,40 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+def scaled_lr(cfg: Config) -> float:
+    """``train.lr`` under the linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch
+    SGD"): with ``train.lr_scale_batch`` = N > 0 the learning rate grows in proportion to the
+    global batch, ``lr x data.batch_size x train.num_workers / N``; 0 keeps ``train.lr``."""
+    t = cfg.train
+    if not t.lr_scale_batch:
+        return t.lr
+    return t.lr * cfg.data.batch_size * t.num_workers / t.lr_scale_batch
+
+
+def configure_backends(t: TrainConfig) -> None:
+    """Process-wide switches: ``train.cudnn_benchmark`` (cuDNN times its convolution algorithms
+    once per input shape and keeps the fastest; ingest batches have fixed shapes)."""
+    torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
+
+
+def apply_step_switches(model: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
+    """``train.channels_last`` and ``train.compile`` on a model's CNN(s), in place (parameter
+    names, hence checkpoints, are unchanged): channels-last weights and inputs, and
+    ``torch.compile`` of the CNN trunk (``cnn``) or of the whole model's forward (``model``)."""
+    from dvsa.models.encoder import ImageEncoder
+
+    encoders = [m for m in model.modules() if isinstance(m, ImageEncoder)]
+    if t.channels_last:
+        for enc in encoders:
+            enc.use_channels_last()
+    if t.compile == "cnn":
+        for enc in encoders:
+            enc.trunk.compile()
+    elif t.compile == "model":
+        model.compile()
+    return model
+
+
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate after ``step`` optimizer steps.
 

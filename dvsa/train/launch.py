@@ -67,6 +67,7 @@ def check_inputs(cfg: Config, task: str) -> Manifest:
     """Everything a job needs before Ray starts; returns the shards' manifest."""
     if cfg.task != task:
         raise ConfigError(f"task: this job trains {task!r} but the config says {cfg.task!r}")
+    runtime.require_shared_storage(cfg.ray.address, shared_paths(cfg), cfg.mlflow.tracking_uri)
     root = shards_root(cfg)
     key = "data.shards" if root == cfg.data.shards else "data.fullframe_shards"
     if "://" not in root and not Path(root).is_dir():
@@ -87,6 +88,13 @@ def check_inputs(cfg: Config, task: str) -> Manifest:
     if cfg.train.use_gpu and cfg.train.gpus_per_worker <= 0:
         raise ConfigError("train.gpus_per_worker: must be > 0 when train.use_gpu is true")
     return manifest
+
+
+def shared_paths(cfg: Config) -> dict[str, Optional[str]]:
+    """The paths every node of a cluster must see: the shards it trains on and the checkpoints."""
+    root = shards_root(cfg)
+    return {"data.shards" if root == cfg.data.shards else "data.fullframe_shards": root,
+            "data.features": cfg.data.features, "train.storage_path": cfg.train.storage_path}
 
 
 def total_steps(cfg: Config, manifest: Manifest) -> int:

@@ -35,7 +35,7 @@ import torch
 # import this module and must load without Ray (benchmarks/gpu_check.py on a GPU machine).
 from dvsa.config import Config, TrainConfig, from_dict
 from dvsa.inference.device import worker_device
-from dvsa.ingest import iter_eval_batches, iter_train_batches
+from dvsa.ingest import device_decode_size, iter_eval_batches, iter_train_batches
 from dvsa.models.build import build_model
 from dvsa.models.checkpoint import load_state, save_checkpoint
 from dvsa.models.optim import build_optimizer, clip_gradients
@@ -187,10 +187,12 @@ def _build_trainee(cfg: Config, vocab: Vocab, rank: int, total_steps: int) -> _T
         with ckpt.as_directory() as d:
             state = load_state(d)
         model.load_state_dict(state["model"])
+    common.configure_backends(t)
+    common.apply_step_switches(model, t)                      # channels-last, torch.compile (in place)
     step = int(state["step"]) if state is not None else 0
     common.seed_everything(t.seed + 1000003 * step + rank)   # data-order/dropout streams differ per rank and resume
     model = ray.train.torch.prepare_model(model)              # to device; DDP when world > 1
-    optimizer = build_optimizer(model.parameters(), t)
+    optimizer = build_optimizer(model.parameters(), t, lr=common.scaled_lr(cfg))   # fused/foreach per device
     scheduler = common.build_scheduler(optimizer, t, total_steps)
     trainee = _Trainee(model, common.unwrap(model), optimizer, scheduler)
     if state is not None:
@@ -222,7 +224,7 @@ def _train_epoch(objective: Objective, tr: _Trainee, cfg: Config, shard: Any, de
     # pinned host batches, non-blocking copies on CUDA; a seeded shuffle buffer per epoch
     for batch in iter_train_batches(shard, cfg.data.batch_size, device, cfg.data.prefetch_batches,
                                     epoch=tr.epoch, seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                    drop_last=True):
+                                    drop_last=True, jpeg_size=device_decode_size(cfg)):
         with common.autocast(device, use_amp):
             loss = objective.loss(tr.model, batch, cfg)
         tr.optimizer.zero_grad(set_to_none=True)
@@ -261,7 +263,8 @@ def _validate(objective: Objective, tr: _Trainee, cfg: Config, vocab: Vocab, sha
     with torch.no_grad(), common.autocast(device, use_amp):
         vctx = ValidationContext(
             model=tr.bare, cfg=cfg, vocab=vocab, device=device, state=state,
-            batches=cap_images(iter_eval_batches(shard, cfg.data.val_batch_size, device, cfg.data.prefetch_batches),
+            batches=cap_images(iter_eval_batches(shard, cfg.data.val_batch_size, device, cfg.data.prefetch_batches,
+                                                 jpeg_size=device_decode_size(cfg)),
                                cfg.data.max_val_images))
         metrics, samples = objective.validate(vctx)
     metrics["val/time_s"] = time.perf_counter() - t1
