@@ -72,7 +72,8 @@ def cluster_address(config_address: Optional[str] = None) -> Optional[str]:
 def require_shared_storage(address: Optional[str], paths: Mapping[str, Optional[str]],
                            tracking_configured: Optional[str]) -> None:
     """On a joined cluster (``address`` / ``RAY_ADDRESS``), refuse in one line (ConfigError) a
-    relative path among ``paths`` (config key -> value) and a job with no tracking server.
+    relative path among ``paths`` (config key -> value), and warn about a job with no tracking
+    server.
 
     Under ``ray job submit`` a relative path resolves inside the job's temporary working dir on
     the head node: shards there exist on no other node, and checkpoints there are gone when the
@@ -92,11 +93,12 @@ def require_shared_storage(address: Optional[str], paths: Mapping[str, Optional[
                 f"would resolve inside the job's temporary working dir on one node; give an absolute path on "
                 f"shared storage (e.g. /mnt/efs/dvsa/...) or a URL (s3://...)")
     if not (os.environ.get("MLFLOW_TRACKING_URI") or tracking_configured):
-        raise ConfigError(
-            f"mlflow.tracking_uri: this job runs on the Ray cluster at {joined}, where the default "
-            f"sqlite:///<out>/mlflow.db is a file on the driver's node (other nodes cannot write it, later jobs "
-            f"cannot find it); set MLFLOW_TRACKING_URI to the team's tracking server (ray_cluster.yaml and "
-            f"cluster/rayjob.yaml set http://<head>:5000 on every node)")
+        # a warning, not a refusal: a one-machine `ray start --head` is a joined cluster too
+        log.warning(
+            "mlflow.tracking_uri: this job runs on the Ray cluster at %s with the default "
+            "sqlite:///<out>/mlflow.db, a file on the driver's node: workers on other nodes cannot write it "
+            "and later jobs (evaluate --checkpoint RUN_ID, compare) will not find it; set MLFLOW_TRACKING_URI "
+            "to the team's tracking server", joined)
 
 
 def ray_temp_dir(out: str | os.PathLike) -> str:

@@ -1,5 +1,6 @@
 """dvsa.runtime: quiet environment, cluster address, Ray temp dir placement (no Ray started)."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -56,10 +57,11 @@ def test_temp_dir_for_long_out_dir_is_short_and_linked(tmp_path):
         os.rmdir(d)
 
 
-def test_a_joined_cluster_needs_shared_paths_and_a_tracking_server(monkeypatch, tmp_path):
+def test_a_joined_cluster_needs_shared_paths_and_a_tracking_server(monkeypatch, tmp_path, caplog):
     """`ray job submit` sets RAY_ADDRESS: relative shard/checkpoint paths (they would resolve in
-    the job's temporary working dir on the head) and the driver-local SQLite default are refused
-    in one line, before Ray; an embedded Ray keeps the laptop defaults."""
+    the job's temporary working dir on the head) are refused in one line, before Ray; the
+    driver-local SQLite default is a warning (`ray start --head` on one machine is a joined
+    cluster too); an embedded Ray keeps the laptop defaults."""
     from dvsa.config import Config, ConfigError
     from dvsa.train.launch import check_inputs
 
@@ -79,8 +81,14 @@ def test_a_joined_cluster_needs_shared_paths_and_a_tracking_server(monkeypatch, 
     with pytest.raises(ConfigError, match="^train.storage_path=runs/ray_results: a relative path"):
         check_inputs(shared, "align")
     shared = shared.replace(**{"train.storage_path": "s3://bucket/dvsa/ray_results"})
-    with pytest.raises(ConfigError, match="^mlflow.tracking_uri: this job runs on the Ray cluster at "):
-        check_inputs(shared, "align")
+    with caplog.at_level(logging.WARNING, logger="dvsa.runtime"):
+        with pytest.raises(Exception, match="no such shard directory: /mnt/efs/dvsa/data/vg"):
+            check_inputs(shared, "align")                  # on to the next check, with a warning
+    assert "mlflow.tracking_uri: this job runs on the Ray cluster at http://127.0.0.1:8265 with the default" \
+        in caplog.text
+    caplog.clear()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
-    with pytest.raises(Exception, match="no such shard directory: /mnt/efs/dvsa/data/vg"):
-        check_inputs(shared, "align")                      # on to the next check
+    with caplog.at_level(logging.WARNING, logger="dvsa.runtime"):
+        with pytest.raises(Exception, match="no such shard directory: /mnt/efs/dvsa/data/vg"):
+            check_inputs(shared, "align")
+    assert "mlflow.tracking_uri" not in caplog.text
