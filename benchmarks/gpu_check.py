@@ -138,7 +138,7 @@ def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: in
     import torch
 
     from dvsa.models.build import build_model
-    from dvsa.models.optim import build_optimizer, clip_gradients
+    from dvsa.models.optim import build_optimizer, update
     from dvsa.train import common
     from dvsa.train.caption import caption_batch_loss
 
@@ -163,10 +163,7 @@ def _measure(cfg, vocab, host_batches: list[dict], device, amp: bool, warmup: in
         batch = {k: v.to(device, non_blocking=True) for k, v in hb.items()}
         with common.autocast(device, amp):
             loss = caption_batch_loss(model, batch, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(params, cfg.train.grad_clip, cfg.train.grad_clip_mode)
-        optimizer.step()
+        update(optimizer, loss, params, cfg.train)
         if cuda:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0

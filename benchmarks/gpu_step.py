@@ -189,7 +189,7 @@ def _measure(cfg, vocab, batches: Iterator[dict], device, amp: bool, warmup: int
 
     from dvsa.ingest.decode import decode_jpeg_batch
     from dvsa.models.build import build_model
-    from dvsa.models.optim import build_optimizer, clip_gradients
+    from dvsa.models.optim import build_optimizer, update
     from dvsa.train import common
 
     common.seed_everything(cfg.train.seed)
@@ -216,10 +216,7 @@ def _measure(cfg, vocab, batches: Iterator[dict], device, amp: bool, warmup: int
             batch["images"] = decode_jpeg_batch(jpegs, decode_size, device)
         with common.autocast(device, amp):
             loss = loss_of(model, batch, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(params, cfg.train.grad_clip, cfg.train.grad_clip_mode)
-        optimizer.step()
+        update(optimizer, loss, params, cfg.train)
         losses[i] = loss.detach()
         if i == 0:
             _sync(device)

@@ -75,7 +75,7 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
     wall clock and by this process's CPU time (robust to other load on a shared machine)."""
     import torch
 
-    from dvsa.models.optim import build_optimizer, clip_gradients
+    from dvsa.models.optim import build_optimizer, update
     from dvsa.train import common
     from dvsa.train.caption import caption_batch_loss
 
@@ -89,10 +89,7 @@ def run_steps(model, cfg, batches, steps: int, warmup: int, report=None, report_
         batch = batches[i % len(batches)]
         with common.autocast(device, cfg.train.amp):
             loss = caption_batch_loss(model, batch, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(params, cfg.train.grad_clip, cfg.train.grad_clip_mode)
-        opt.step()
+        update(opt, loss, params, cfg.train)
         if report is not None and report_every and (i + 1) % report_every == 0:
             report({"step": i + 1, "train/loss": float(loss)})
     return steps / (time.perf_counter() - t0), steps / (time.process_time() - c0)

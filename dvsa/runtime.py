@@ -69,31 +69,30 @@ def cluster_address(config_address: Optional[str] = None) -> Optional[str]:
     return addr.strip() if addr else None
 
 
-def require_shared_storage(address: Optional[str], paths: Mapping[str, Optional[str]],
-                           tracking_configured: Optional[str]) -> None:
+def require_shared_paths(address: Optional[str], paths: Mapping[str, Optional[str]]) -> None:
     """On a joined cluster (``address`` / ``RAY_ADDRESS``), refuse in one line (ConfigError) a
-    relative path among ``paths`` (config key -> value), and warn about a job with no tracking
-    server.
-
-    Under ``ray job submit`` a relative path resolves inside the job's temporary working dir on
-    the head node: shards there exist on no other node, and checkpoints there are gone when the
-    job ends, so resubmitting the same ``train.name`` could not resume. Likewise the default
-    ``sqlite:///<out>/mlflow.db`` is a file on the driver's node that workers elsewhere cannot
-    write and later jobs (``evaluate --checkpoint RUN_ID``, ``compare``) do not find. Laptops
-    (an embedded Ray) keep both defaults."""
+    relative path among ``paths`` (config key -> value). Under ``ray job submit`` it would resolve
+    inside the job's temporary working dir on the head node: shards there exist on no other node,
+    and checkpoints there are gone when the job ends, so resubmitting the same ``train.name``
+    could not resume. An embedded Ray (a laptop) keeps relative paths."""
     from dvsa.config import ConfigError
 
     joined = cluster_address(address)
-    if not joined:
-        return
-    for key, value in paths.items():
+    for key, value in paths.items() if joined else ():
         if value and "://" not in value and not os.path.isabs(value):
             raise ConfigError(
                 f"{key}={value}: a relative path, but this job runs on the Ray cluster at {joined}, where it "
                 f"would resolve inside the job's temporary working dir on one node; give an absolute path on "
                 f"shared storage (e.g. /mnt/efs/dvsa/...) or a URL (s3://...)")
-    if not (os.environ.get("MLFLOW_TRACKING_URI") or tracking_configured):
-        # a warning, not a refusal: a one-machine `ray start --head` is a joined cluster too
+
+
+def warn_without_tracking_server(address: Optional[str], tracking_configured: Optional[str]) -> None:
+    """On a joined cluster with neither ``MLFLOW_TRACKING_URI`` nor ``mlflow.tracking_uri``, warn:
+    the default ``sqlite:///<out>/mlflow.db`` is a file on the driver's node that workers elsewhere
+    cannot write and later jobs (``evaluate --checkpoint RUN_ID``, ``compare``) do not find. A
+    warning, not a refusal: a one-machine ``ray start --head`` is a joined cluster too."""
+    joined = cluster_address(address)
+    if joined and not (os.environ.get("MLFLOW_TRACKING_URI") or tracking_configured):
         log.warning(
             "mlflow.tracking_uri: this job runs on the Ray cluster at %s with the default "
             "sqlite:///<out>/mlflow.db, a file on the driver's node: workers on other nodes cannot write it "

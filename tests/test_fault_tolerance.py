@@ -9,11 +9,11 @@ count is derived from the shards' manifest, never from the run being checked.
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from background import train_in_thread
 from run_checks import steps_per_epoch
 
 from dvsa.config import load_config
@@ -75,16 +75,7 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_resumes(ray_local, shar
     per_epoch = steps_per_epoch(kp, cfg.data.batch_size)       # 1 worker, full batches only
     assert per_epoch >= 2
     progress = tmp_path / "jobs" / "ft" / "progress"
-    result: dict = {}
-
-    def job():
-        try:
-            result["outcome"] = train(cfg, "align")
-        except BaseException as e:  # surfaced by the assertions below
-            result["error"] = e
-
-    th = threading.Thread(target=job, daemon=True)
-    th.start()
+    th, result = train_in_thread(cfg, "align")
     # wait until the controller has *registered* a checkpoint (its snapshot file lists it; a
     # checkpoint reported but not yet registered would be lost), then SIGKILL the worker
     snapshot = tmp_path / "ray_results" / "ft" / "checkpoint_manager_snapshot.json"

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from dvsa.config import Config, ConfigError
 from dvsa.models.build import build_model
 from dvsa.models.encoder import boxes_from_padded
-from dvsa.models.optim import build_optimizer, clip_gradients, optimizer_kernels
+from dvsa.models.optim import build_optimizer, optimizer_kernels, update
 from dvsa.text import Vocab
 from dvsa.train import common
 from dvsa.train.caption import caption_batch_loss
@@ -56,10 +56,7 @@ def _losses(cfg: Config, steps: int = 3) -> list[float]:
     out = []
     for i in range(steps):
         loss = caption_batch_loss(model, _batch(4, seed=i), cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(model.parameters(), cfg.train.grad_clip, cfg.train.grad_clip_mode)
-        opt.step()
+        update(opt, loss, list(model.parameters()), cfg.train)
         out.append(float(loss.detach()))
     return out
 

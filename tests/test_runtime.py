@@ -68,7 +68,8 @@ def test_a_joined_cluster_needs_shared_paths_and_a_tracking_server(monkeypatch, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = Config().replace(**{"task": "align", "data.shards": "runs/data/vg", "out": str(tmp_path)})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    runtime.require_shared_storage(None, {"data.shards": "runs/data/vg"}, None)      # laptop: fine
+    runtime.require_shared_paths(None, {"data.shards": "runs/data/vg"})      # laptop: fine
+    runtime.warn_without_tracking_server(None, None)
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     with pytest.raises(ConfigError) as e:

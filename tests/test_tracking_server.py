@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from background import train_in_thread
 from mlflow.tracking import MlflowClient
 from tracking_server import TrackingServer, have_postgres
 
@@ -45,7 +45,6 @@ def _step(progress: Path) -> int:
 def test_training_logs_over_http_into_postgres_through_a_server_outage(ray_local, server, shards, tmp_path,
                                                                        monkeypatch, capsys):
     from dvsa.cli import main
-    from dvsa.train.launch import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "out"
@@ -55,16 +54,7 @@ def test_training_logs_over_http_into_postgres_through_a_server_outage(ray_local
         "train.name=served", "train.epochs=4", "train.log_every=1", "data.max_val_images=6",
         "mlflow.experiment=served"])
     progress = out / "jobs" / "served" / "progress"
-    result: dict = {}
-
-    def job():
-        try:
-            result["outcome"] = train(cfg, "align")
-        except BaseException as e:  # reported by the assertions below
-            result["error"] = e
-
-    th = threading.Thread(target=job, daemon=True)
-    th.start()
+    th, result = train_in_thread(cfg, "align")
     deadline = time.time() + 300
     while time.time() < deadline and th.is_alive() and _step(progress) < 2:
         time.sleep(0.2)

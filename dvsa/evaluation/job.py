@@ -175,12 +175,11 @@ def evaluate_checkpoint(req: EvalRequest) -> EvalOutcome:
     if req.max_groups is not None and req.max_groups < 1:
         raise DvsaError(f"--max-groups must be >= 1, got {req.max_groups}")
     env, given = environment_config(req.config_file, req.overrides)
-    runtime.require_shared_storage(env.ray.address, {}, env.mlflow.tracking_uri)   # a run id needs a server
+    runtime.warn_without_tracking_server(env.ray.address, env.mlflow.tracking_uri)   # a run id needs a server
     uri = tracking.tracking_uri(Path(env.out).resolve(), env.mlflow.tracking_uri)
     ckpt_dir, trained = check_checkpoint(req.checkpoint, uri)   # a bad checkpoint: one line, before MLflow and Ray
     cfg = merged_config(trained, env, given)
-    runtime.require_shared_storage(cfg.ray.address, {"data.shards": cfg.data.shards},
-                                   env.mlflow.tracking_uri or cfg.mlflow.tracking_uri)
+    runtime.require_shared_paths(cfg.ray.address, {"data.shards": cfg.data.shards})
     if not tracking.is_run_id(req.checkpoint):
         # a path: the run lives where its training logged it (unless told otherwise)
         uri = tracking.tracking_uri(Path(cfg.out).resolve(), cfg.mlflow.tracking_uri)

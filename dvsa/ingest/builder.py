@@ -116,10 +116,10 @@ class BatchBuilder:
         for i in range(len(batch["__key__"])):
             if errors is not None and isinstance(errors[i], str):     # a broken shard's marker row
                 where = str(urls[i]) if urls is not None else "a shard"
-                skipped[TRUNCATED_SHARD] += int(lost[i]) if lost is not None else 1
+                n_lost = int(lost[i]) if lost is not None else 1
+                skipped[TRUNCATED_SHARD] += n_lost
                 examples.setdefault(TRUNCATED_SHARD, f"{where}: {errors[i]}")
-                log.warning("ingest: shard %s is broken: %s; %s sample(s) not read", where, errors[i],
-                            int(lost[i]) if lost is not None else "some")
+                log.warning("ingest: shard %s is broken: %s; %d sample(s) not read", where, errors[i], n_lost)
                 continue
             sample = parse_row(batch, i, payload)
             try:

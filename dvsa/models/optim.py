@@ -64,3 +64,12 @@ def clip_gradients(model_or_params: Union[nn.Module, Iterable], value: float, mo
         torch.nn.utils.clip_grad_value_(params, value)
     else:
         torch.nn.utils.clip_grad_norm_(params, value)
+
+
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable, train_cfg: TrainConfig) -> None:
+    """One optimizer step on ``loss``: fresh gradients, clipped (``train.grad_clip``, by
+    ``train.grad_clip_mode``), applied. The train loop and the benchmarks step the same way."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(params, train_cfg.grad_clip, train_cfg.grad_clip_mode)
+    optimizer.step()

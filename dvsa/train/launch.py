@@ -67,7 +67,8 @@ def check_inputs(cfg: Config, task: str) -> Manifest:
     """Everything a job needs before Ray starts; returns the shards' manifest."""
     if cfg.task != task:
         raise ConfigError(f"task: this job trains {task!r} but the config says {cfg.task!r}")
-    runtime.require_shared_storage(cfg.ray.address, shared_paths(cfg), cfg.mlflow.tracking_uri)
+    runtime.require_shared_paths(cfg.ray.address, shared_paths(cfg))
+    runtime.warn_without_tracking_server(cfg.ray.address, cfg.mlflow.tracking_uri)
     root = shards_root(cfg)
     key = "data.shards" if root == cfg.data.shards else "data.fullframe_shards"
     if "://" not in root and not Path(root).is_dir():

@@ -38,7 +38,7 @@ from dvsa.inference.device import worker_device
 from dvsa.ingest import device_decode_size, iter_eval_batches, iter_train_batches
 from dvsa.models.build import build_model
 from dvsa.models.checkpoint import load_state, save_checkpoint
-from dvsa.models.optim import build_optimizer, clip_gradients
+from dvsa.models.optim import build_optimizer, update
 from dvsa.text import Vocab
 from dvsa.tracking import RunLogger
 from dvsa.train import common
@@ -227,10 +227,7 @@ def _train_epoch(objective: Objective, tr: _Trainee, cfg: Config, shard: Any, de
                                     drop_last=True, jpeg_size=device_decode_size(cfg)):
         with common.autocast(device, use_amp):
             loss = objective.loss(tr.model, batch, cfg)
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(params, t.grad_clip, t.grad_clip_mode)
-        tr.optimizer.step()
+        update(tr.optimizer, loss, params, t)
         tr.scheduler.step()
         tr.step += 1
         stats.images += len(batch["box_mask"])   # rows = images (also in feature mode, no "images")

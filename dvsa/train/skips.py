@@ -52,11 +52,10 @@ class SkipWatch:
         total = sum(delta.values())
         if split == "train":
             metrics["data/skipped"] = float(total)
-        return metrics, self._too_many(split, delta, counter)
+        return metrics, self._too_many(split, delta, total, counter)
 
-    def _too_many(self, split: str, delta: Counter, counter) -> Optional[str]:
+    def _too_many(self, split: str, delta: Counter, total: int, counter) -> Optional[str]:
         images = int(self.plan.images.get(split) or 0)
-        total = sum(delta.values())
         if not total or images <= 0 or total <= self.plan.max_fraction * images:
             return None
         reason, n = delta.most_common(1)[0]
