@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,12 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None  # default: sqlite:///<out>/mlflow.db; MLFLOW_TRACKING_URI overrides
     experiment: str = "dvsa"
     run_name: Optional[str] = None
+    # a training job logs its best checkpoint as the run's MLflow model (runs:/<run id>/model) ...
+    log_model: bool = True
+    # ... and registers it as a new version of `registered_model` (models:/<name>/latest); null:
+    # the job's train name (train.name, else <name>-<task>[-<mode>-<cell>]; see registry_name)
+    register_model: bool = True
+    registered_model: Optional[str] = None
 
 
 @dataclass
@@ -416,6 +423,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+# a registered model's name: it goes into models:/<name>/<version> and models:/<name>@<alias>
+REGISTERED_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+REGISTERED_MODEL_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 characters"
+
+
+def registry_name(text: str) -> str:
+    """``text`` as a registered-model name (:data:`REGISTERED_MODEL_NAME`): every run of other
+    characters becomes '-' (``"vg caption/region"`` -> ``"vg-caption-region"``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-._")[:200]
+    return name or "dvsa"
+
+
 _POSITIVE_INT = {
     "data.image_size", "data.max_regions", "data.batch_size", "data.val_batch_size",
     "data.decode_concurrency", "data.decode_batch_size", "model.roi_size", "model.crop_size",
@@ -473,6 +492,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"tune.reduction_factor: must be >= 2, got {cfg.tune.reduction_factor!r}")
     for k, spec in cfg.tune.space.items():
         _check_space_entry(cfg, k, spec)
+    name = cfg.mlflow.registered_model
+    if name is not None and not REGISTERED_MODEL_NAME.match(name):
+        raise ConfigError(f"mlflow.registered_model: {name!r} is not a registered-model name ({REGISTERED_MODEL_RULE})")
 
 
 _SPACE_KINDS = ("uniform", "loguniform", "choice", "grid", "randint")

@@ -8,6 +8,10 @@ fixture, a Tune driver) is reused and left running.
 Ray puts Unix sockets under its temp dir and the kernel caps their paths at 107 bytes, so a
 long output path gets a short ``/tmp/dvsa-ray-*`` dir instead, with a symlink
 ``<out>/ray-tmp`` pointing at it (and the reverse recorded in ``<out>/ray-tmp.txt``).
+
+An embedded Ray listens on loopback only (:func:`loopback_ray`): its node IP is 127.0.0.1, so the
+GCS, raylet, object manager, workers, agents and dashboard bind 127.0.0.1, and its Prometheus
+metrics export (which answers without a token) is off. A joined cluster is left as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ MAX_TEMP_DIR_LEN = _SOCKET_PATH_MAX - _SESSION_SUFFIX
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+# ray.init(_system_config=...) of an embedded Ray: no Prometheus metrics export. The dashboard
+# agent then opens no metrics export port (an HTTP /metrics that answers without a token) and
+# workers record no metrics; dvsa reads none (its metrics go to MLflow).
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
 def free_port() -> int:
@@ -122,6 +131,51 @@ def ray_temp_dir(out: str | os.PathLike) -> str:
     return short
 
 
+def is_loopback_address(address: str) -> bool:
+    """Whether a GCS address ``host:port`` (no scheme) names this machine's loopback."""
+    import ipaddress
+
+    if "://" in address or ":" not in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def loopback_ray() -> Iterator[None]:
+    """Around the ``ray.init`` that starts an embedded Ray: give the new node the IP 127.0.0.1.
+
+    Ray 2.60 binds every server to 127.0.0.1 when the node IP is loopback; with the host IP (its
+    default on Linux) the GCS, raylet, object manager and worker gRPC servers listen on ``::``,
+    the dashboard agent's metrics export and the autoscaler and dashboard Prometheus servers on
+    0.0.0.0, the runtime env agent and dashboard agent HTTP on the host IP.
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not help: ``services.resolve_ip_for_localhost``
+    turns it back into the host IP. The node IP is loopback when ``ray_constants.ENABLE_RAY_CLUSTER``
+    is false (``services.get_node_ip_address``), Ray's own default on macOS and Windows (env
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read once at import, hence the flag itself). Only the
+    driver picks the node IP; Ray's processes get it on their command line, so the flag is
+    restored once ``ray.init`` returns.
+
+    Joining such a Ray by ``127.0.0.1:PORT`` needs the same flag: otherwise ``ray.init`` replaces
+    the loopback address with the host IP, where nothing listens, and retries forever.
+    """
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):   # a Ray without the switch: say so
+        log.warning("this Ray has no ray_constants.ENABLE_RAY_CLUSTER: the local Ray listens on the host IP")
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 @contextlib.contextmanager
 def ray_session(out: str | os.PathLike | None, address: Optional[str] = None, num_cpus: Optional[int] = None,
                 num_gpus: Optional[int] = None, include_dashboard: Optional[bool] = None,
@@ -145,7 +199,9 @@ def ray_session(out: str | os.PathLike | None, address: Optional[str] = None, nu
     if addr:
         # a job's own runtime_env (``ray job submit``) may set the same variables: pass none here
         log.info("joining Ray cluster at %s", addr)
-        ray.init(address=addr, log_to_driver=log_to_driver, configure_logging=False)
+        # an embedded Ray of another dvsa process listens on loopback only, where Ray would not look
+        with loopback_ray() if is_loopback_address(addr) else contextlib.nullcontext():
+            ray.init(address=addr, log_to_driver=log_to_driver, configure_logging=False)
         info = {"mode": "joined", "address": addr, "temp_dir": None}
     else:
         tmp = ray_temp_dir(out) if out is not None else tempfile.mkdtemp(prefix="dvsa-ray-", dir="/tmp")
@@ -159,9 +215,10 @@ def ray_session(out: str | os.PathLike | None, address: Optional[str] = None, nu
             dashboard_port = free_port()
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
             api_env_set = True
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=tmp, include_dashboard=include_dashboard,
-                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env},
-                 log_to_driver=log_to_driver, configure_logging=False)
+        with loopback_ray():
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=tmp, include_dashboard=include_dashboard,
+                     dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env},
+                     _system_config=LOCAL_SYSTEM_CONFIG, log_to_driver=log_to_driver, configure_logging=False)
         info = {"mode": "local", "address": None, "temp_dir": tmp}
     raise_on_sigterm()    # ray.init's own handler exits without unwinding the job (its run stays RUNNING)
     try:

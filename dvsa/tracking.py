@@ -21,9 +21,11 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
@@ -315,7 +317,10 @@ def is_run_id(text: str) -> bool:
 def find_checkpoint_run(uri: str, checkpoint: str, checkpoint_dir: str | os.PathLike) -> Optional[str]:
     """The run that trained a checkpoint: ``checkpoint`` itself when it is the id of a run in
     this store; else the newest run whose ``dvsa.checkpoint`` tag is ``checkpoint_dir`` or whose
-    ``dvsa.run_dir`` holds it; None when no run matches."""
+    ``dvsa.run_dir`` holds it; for an MLflow model URI (``runs:/``, ``models:/``) the run that
+    logged the model; None when no run matches."""
+    if is_model_uri(checkpoint):
+        return model_source(uri, str(checkpoint)).run_id
     if is_run_id(checkpoint) and find_run(uri, checkpoint) is not None:
         return str(checkpoint)
     c = client(uri)
@@ -331,3 +336,183 @@ def find_checkpoint_run(uri: str, checkpoint: str, checkpoint_dir: str | os.Path
         if runs:
             return runs[0].info.run_id
     return None
+
+
+# --------------------------------------------------------------------------- MLflow models
+# A training job logs its result as an MLflow model named MODEL_NAME in its run (an MLflow 3
+# "logged model" whose source run is the job's run) and registers it; ``runs:/<run id>/model``
+# and ``models:/<name>/<version|latest>`` / ``models:/<name>@<alias>`` then name it anywhere
+# the tracking server is reachable (dvsa.inference.mlflow_model; resolved by model_source).
+
+MODEL_NAME = "model"                       # runs:/<run id>/model
+MODEL_URI_TAG = "dvsa.model_uri"           # the run's runs:/ URI of its model
+REGISTERED_MODEL_TAG = "dvsa.registered_model"   # models:/<name>/<version> it was registered as
+MODEL_ID_TAG = "dvsa.model_id"             # on a model version: the logged model it registers
+MODEL_URI_FORMS = "runs:/<run id>/model, models:/<name>/<version|latest>, models:/<name>@<alias>"
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_model_uri(text: str) -> bool:
+    """Whether ``text`` is an MLflow model URI (``runs:/...`` or ``models:/...``)."""
+    return str(text).startswith(("runs:/", "models:/"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the files of an MLflow model are: ``location`` (the artifact URI of the model
+    directory, the one holding ``MLmodel``), the ``run_id`` that logged it (None when unknown),
+    its logged-model id and, for ``models:/`` URIs, the registered version."""
+
+    uri: str
+    location: str
+    run_id: Optional[str]
+    model_id: Optional[str] = None
+    version: Optional[str] = None
+
+
+def _not_found(e: Exception) -> bool:
+    text = str(e)
+    return "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "does not exist" in text.lower() \
+        or getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def model_source(uri: str, model_uri: str) -> ModelSource:
+    """Resolve ``runs:/<run id>/<name>``, ``models:/<name>/<version>``, ``models:/<name>/latest``,
+    ``models:/<name>@<alias>`` or ``models:/<model id>`` in the store at ``uri``. A URI that does
+    not resolve is one DvsaError line naming it and the store."""
+    from dvsa.errors import DvsaError
+
+    def fail(what: str) -> DvsaError:
+        return DvsaError(f"--checkpoint {model_uri}: {what} in {uri}")
+
+    def malformed(what: str) -> DvsaError:
+        return DvsaError(f"--checkpoint {model_uri}: {what} ({MODEL_URI_FORMS})")
+
+    try:
+        if model_uri.startswith("runs:/"):
+            return _run_model(uri, model_uri, fail, malformed)
+        if model_uri.startswith("models:/"):
+            return _registered_model(uri, model_uri, fail, malformed)
+    except DvsaError:
+        raise
+    except Exception as e:   # the store unreachable, refused, ...: one line, not MLflow's traceback
+        raise fail(f"cannot resolve the model ({type(e).__name__}: {first_line(e)})") from None
+    raise malformed("not an MLflow model URI")
+
+
+def _run_model(uri: str, model_uri: str, fail, malformed) -> ModelSource:
+    run_id, _, path = model_uri[len("runs:/"):].partition("/")
+    path = path.strip("/")
+    if not run_id or not path:
+        raise malformed("a runs:/ URI names a run and its model")
+    run = find_run(uri, run_id) if _PLAIN_NAME.match(run_id) else None
+    if run is None:
+        raise fail(f"no MLflow run {run_id}")
+    name, _, rest = path.partition("/")
+    c = client(uri)
+    found = []
+    if _PLAIN_NAME.match(name):
+        found = retry_locked(c.search_logged_models, [run.info.experiment_id],
+                             filter_string=f"name = '{name}' AND source_run_id = '{run_id}'",
+                             order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+    if found:
+        location = found[0].artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
+        return ModelSource(model_uri, location, run_id, found[0].model_id)
+    # a model logged among the run's own artifacts (MLflow 2 style)
+    listed = {posixpath.basename(f.path) for f in retry_locked(c.list_artifacts, run_id, path)}
+    if "MLmodel" in listed:
+        return ModelSource(model_uri, f"runs:/{run_id}/{path}", run_id)
+    raise fail(f"MLflow run {run_id} has no model {path!r} (a dvsa training run logs {MODEL_NAME!r})")
+
+
+def _registered_model(uri: str, model_uri: str, fail, malformed) -> ModelSource:
+    body = model_uri[len("models:/"):]
+    c = client(uri)
+    if "/" not in body and "@" not in body:            # models:/<model id>
+        try:
+            lm = retry_locked(c.get_logged_model, body)
+        except Exception as e:
+            if _not_found(e):
+                raise fail(f"no logged model {body!r}") from None
+            raise
+        return ModelSource(model_uri, lm.artifact_location, lm.source_run_id, lm.model_id)
+    if "/" in body:
+        name, _, suffix = body.partition("/")
+        alias = None
+        if not suffix or "/" in suffix or not (suffix.isdigit() or suffix.lower() == "latest"):
+            raise malformed(f"{suffix!r} is not a version number or 'latest'")
+    else:
+        name, _, alias = body.rpartition("@")
+        suffix = ""
+        if not alias:
+            raise malformed("no alias after '@'")
+    try:
+        registered = retry_locked(c.get_registered_model, name)
+    except Exception as e:
+        if _not_found(e):
+            raise fail(f"no such registered model {name!r}") from None
+        raise
+    if alias is None and not suffix.isdigit():        # latest: the highest version number
+        versions = list(registered.latest_versions or [])
+        if not versions and "'" not in name:
+            versions = list(retry_locked(c.search_model_versions, f"name = '{name}'"))
+        if not versions:
+            raise fail(f"registered model {name!r} has no versions")
+        mv = max(versions, key=lambda v: int(v.version))
+    else:
+        try:
+            if alias is not None:
+                mv = retry_locked(c.get_model_version_by_alias, name, alias)
+            else:
+                mv = retry_locked(c.get_model_version, name, suffix)
+        except Exception as e:
+            if not _not_found(e):
+                raise
+            what = f"no alias {alias!r}" if alias is not None else f"no version {suffix}"
+            raise fail(f"registered model {name!r} has {what}") from None
+    model_id = getattr(mv, "model_id", None) or (mv.tags or {}).get(MODEL_ID_TAG)
+    run_id = mv.run_id or None
+    if model_id:
+        lm = retry_locked(c.get_logged_model, model_id)
+        return ModelSource(model_uri, lm.artifact_location, run_id or lm.source_run_id, model_id, str(mv.version))
+    return ModelSource(model_uri, mv.source, run_id, None, str(mv.version))
+
+
+def download_model_files(uri: str, source: ModelSource, subpath: str, dst: str | os.PathLike) -> Path:
+    """Download ``subpath`` of the model's directory into the directory ``dst``; returns the
+    local path of what was downloaded."""
+    import mlflow.artifacts
+
+    with quiet_mlflow():
+        return Path(retry_locked(mlflow.artifacts.download_artifacts, artifact_uri=f"{source.location}/{subpath}",
+                                 dst_path=str(dst), tracking_uri=uri))
+
+
+@contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's model saving and artifact downloads without their progress bars, advice
+    warnings and log lines (a job prints its own one-line summary); errors still raise."""
+    import warnings
+
+    names = ("mlflow.pyfunc", "mlflow.models", "mlflow.models.model", "mlflow.store.artifact.artifact_repo")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    had_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = had_bar if had_bar is not None else "false"
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if had_bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)

@@ -11,4 +11,4 @@ echo "mypy: $(.venv/bin/mypy --version)"
 if [ "$#" -eq 0 ]; then
   set -- tests
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

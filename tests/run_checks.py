@@ -1,5 +1,5 @@
 """Exact expectations for the end-to-end tests (imported by tests/test_train.py,
-test_fault_tolerance.py, test_two_node.py, test_tune.py; not collected itself).
+test_fault_tolerance.py, test_cluster_rehearsal.py, test_tune.py; not collected itself).
 
 Everything here is computed from the inputs of a run, never from the run's own output:
 

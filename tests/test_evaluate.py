@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_fixtures import chain_captioner, save, tiny_cfg
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +309,11 @@ def test_evaluate_command_on_an_alignment_checkpoint_logs_the_hand_ranks(colour_
     assert [h.step for h in tracking.client(uri).get_metric_history(out["run_id"], "retrieval/i2t_r1")] == [7]
     written = json.loads((Path(out["outputs"]) / "metrics.json").read_text())
     assert written == out["metrics"]
+    # Fig. 5 of the split's first pair: a picture on disk and in the run
+    assert [Path(p).name.startswith("alignment_") for p in out["pictures"]] == [True]
+    assert Image.open(out["pictures"][0]).size[0] > 100
+    pics = tracking.client(uri).list_artifacts(out["run_id"], "eval/test/pictures")
+    assert [Path(f.path).name for f in pics] == [Path(out["pictures"][0]).name]
     assert main(["evaluate", "--checkpoint", str(ckpt), f"out={tmp_path}", f"mlflow.tracking_uri={uri}",
                  f"data.fullframe_shards={tmp_path / 'none'}"]) == 1
     assert "data.fullframe_shards: no such shard directory" in capsys.readouterr().err

@@ -93,3 +93,15 @@ def test_a_joined_cluster_needs_shared_paths_and_a_tracking_server(monkeypatch, 
         with pytest.raises(Exception, match="no such shard directory: /mnt/efs/dvsa/data/vg"):
             check_inputs(shared, "align")
     assert "mlflow.tracking_uri" not in caplog.text
+
+
+def test_loopback_addresses():
+    """A join address on loopback (another dvsa process's embedded Ray) is joined with the node IP
+    kept on loopback (runtime.loopback_ray); any other address is left to Ray."""
+    assert runtime.is_loopback_address("127.0.0.1:6379")
+    assert runtime.is_loopback_address("localhost:6379")
+    assert runtime.is_loopback_address("[::1]:6379")
+    assert not runtime.is_loopback_address("10.0.0.1:6379")
+    assert not runtime.is_loopback_address("head.example:6379")
+    assert not runtime.is_loopback_address("http://127.0.0.1:8265")      # a job-submission URL
+    assert not runtime.is_loopback_address("ray://127.0.0.1:10001")

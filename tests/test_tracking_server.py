@@ -1,19 +1,19 @@
-"""MLflow as on a cluster: a tracking server over PostgreSQL (tests/tracking_server.py), the
-artifacts on a directory standing for the shared volume. A training job logs into it over HTTP
-and survives the server going away mid-run (the metrics logged meanwhile arrive); an
-evaluation finds the run by its id through ``MLFLOW_TRACKING_URI``; PostgreSQL, not any SQLite
-file, holds what was logged."""
+"""MLflow models through a tracking server over PostgreSQL (tests/tracking_server.py), the
+artifacts on a directory standing for the shared volume: a model goes up through the server's
+artifact proxy and is registered; ``runs:/`` and ``models:/`` URIs load it back over HTTP, in a
+fresh process too. (Training jobs logging into such a server through an outage, on a two-node
+cluster: tests/test_cluster_rehearsal.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from background import train_in_thread
 from mlflow.tracking import MlflowClient
 from tracking_server import TrackingServer, have_postgres
 
@@ -35,68 +35,69 @@ def server():
         srv.stop()
 
 
-def _step(progress: Path) -> int:
-    try:
-        return int(json.loads((progress / "rank0.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
+_PYFUNC_SCORE = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame({"image": [sys.argv[2]], "sentence": [sys.argv[3]]}))
+print(json.dumps(out["score"].tolist()))
+"""
 
 
-def test_training_logs_over_http_into_postgres_through_a_server_outage(ray_local, server, shards, tmp_path,
-                                                                       monkeypatch, capsys):
+@pytest.mark.slow
+def test_models_through_the_server(server, shards, tmp_path, monkeypatch, capsys):
+    """A model logged through the server's artifact proxy (files on the shared artifact root,
+    nothing local) and registered: a fresh process loads ``models:/<name>/latest`` over HTTP
+    and scores a pair as the in-process model does; ``dvsa evaluate --checkpoint runs:/<id>/model``
+    logs into its run in PostgreSQL; an unknown name is one line naming the server."""
+    import torch
+
+    from dvsa import tracking
     from dvsa.cli import main
+    from dvsa.data.shards import iter_samples, load_vocab
+    from dvsa.inference.alignment import embed_images
+    from dvsa.inference.mlflow_model import log_model
+    from dvsa.ingest.samples import encode_words
+    from dvsa.models.build import build_model
+    from dvsa.models.checkpoint import save_checkpoint
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tmp_path / "out"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"out={out}", f"data.shards={shards / 'kp'}", f"data.fullframe_shards={shards / 'kp'}", "task=align",
-        f"train.storage_path={tmp_path / 'shared' / 'ray_results'}", f"mlflow.tracking_uri={server.uri}",
-        "train.name=served", "train.epochs=4", "train.log_every=1", "data.max_val_images=6",
-        "mlflow.experiment=served"])
-    progress = out / "jobs" / "served" / "progress"
-    th, result = train_in_thread(cfg, "align")
-    deadline = time.time() + 300
-    while time.time() < deadline and th.is_alive() and _step(progress) < 2:
-        time.sleep(0.2)
-    assert th.is_alive() and _step(progress) >= 2, result
-    server.stop_mlflow()                       # the server goes away mid-run...
-    down_at = _step(progress)
-    time.sleep(5)
-    server.start_mlflow(timeout_s=300)         # ... and comes back
-    th.join(600)
-    assert not th.is_alive() and "error" not in result, result.get("error")
-    outcome = result["outcome"]
-    assert outcome.step > down_at
+    monkeypatch.setenv("DVSA_MODEL_CACHE", str(tmp_path / "cache"))
+    kp = shards / "kp"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["task=align", f"out={tmp_path}", f"data.fullframe_shards={kp}"])
+    vocab = load_vocab(str(kp))
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab).eval()
+    ckpt = save_checkpoint(tmp_path / "ckpt", model=model, step=3, epoch=1, vocab=vocab, cfg=cfg)
+    run, _ = tracking.start_run(server.uri, "served-models", "hand-made", {"task": "align"})
+    logged = log_model(ckpt, server.uri, run.run_id, registered_name="served-align", step=3)
+    run.end("FINISHED")
+    assert logged.registered == "models:/served-align/1"
+    assert [p.parent.parent.parent.name for p in server.artifacts.rglob("state.pt")].count(logged.model_id) == 1
 
-    c = MlflowClient(server.uri)
-    run = c.get_run(outcome.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "4" and run.data.tags["task"] == "align"
-    # every step's loss arrived, those logged while the server was down included; nothing dropped
-    steps = sorted(m.step for m in c.get_metric_history(outcome.run_id, "train/loss"))
-    assert steps == list(range(1, outcome.step + 1))
-    assert "mlflow/dropped_metrics" not in run.data.metrics
-    assert run.data.tags["dvsa.checkpoint"] == outcome.checkpoint
-    assert outcome.checkpoint.startswith(str(tmp_path / "shared" / "ray_results" / "served"))
-    # the artifacts are on the shared artifact root, served by the server
-    arts = {f.path for f in c.list_artifacts(outcome.run_id)}
-    arts |= {f.path for f in c.list_artifacts(outcome.run_id, "plots")}
-    assert {"checkpoint.json", "config.yaml", "vocab.json", "plots/loss_curves.png"} <= arts
-    assert list(server.artifacts.rglob("loss_curves.png"))
-    # PostgreSQL holds them, and no SQLite store was made anywhere
-    (n,) = server.query("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss'", outcome.run_id)[0]
-    assert n == outcome.step
-    assert server.query("SELECT value FROM params WHERE run_uuid = %s AND key = 'train.name'",
-                        outcome.run_id) == [("served",)]
-    assert not list(tmp_path.rglob("*.db"))
+    key, jpg, meta = next(iter_samples(str(kp), "test"))
+    image = tmp_path / f"{key}.jpg"
+    image.write_bytes(jpg)
+    sentence = " ".join(meta["sentences"][0]["tokens"])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+    done = subprocess.run([sys.executable, "-c", _PYFUNC_SCORE, "models:/served-align/latest", str(image), sentence],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (score,) = json.loads(done.stdout.strip().splitlines()[-1])
+    w, h = meta["width"], meta["height"]
+    v, v_mask = embed_images(model, [jpg], [[[0, 0, w, h]]], cfg.data.image_size)
+    ids, n = encode_words(vocab, sentence.split(), cfg.data.max_len)   # its first data.max_len words, as evaluated
+    with torch.no_grad():
+        s, s_mask = model.embed_words(torch.from_numpy(ids)[None], torch.tensor([n]))
+        assert score == pytest.approx(float(model.scores(v, v_mask, s, s_mask)[0, 0]), rel=1e-5, abs=1e-6)
 
-    # evaluating by run id: MLFLOW_TRACKING_URI finds the run; its metrics land in PostgreSQL
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", outcome.run_id, f"out={out}"]) == 0, capsys.readouterr().err[-3000:]
-    metrics = c.get_run(outcome.run_id).data.metrics
-    assert any(k.startswith("retrieval/") for k in metrics), sorted(metrics)
-    rows = server.query("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key LIKE 'retrieval/%%'",
-                        outcome.run_id)
-    assert rows[0][0] > 0
+    assert main(["evaluate", "--checkpoint", logged.uri, "--max-images", "6", f"out={tmp_path}",
+                 f"data.fullframe_shards={kp}"]) == 0, capsys.readouterr().err[-3000:]
+    c = MlflowClient(server.uri)
+    assert c.get_run(run.run_id).data.metrics["retrieval/images"] == 6
     assert not list(tmp_path.rglob("*.db"))
+    assert main(["evaluate", "--checkpoint", "models:/nope/latest", f"out={tmp_path}"]) == 1
+    assert capsys.readouterr().err == (f"dvsa evaluate: error: --checkpoint models:/nope/latest: no such registered "
+                                       f"model 'nope' in {server.uri}\n")

@@ -39,7 +39,8 @@ HELP = "caption your own images (whole or given boxes) with a trained model"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="captioner checkpoint dir, Ray Train run dir, or MLflow run id")
+                        help="captioner checkpoint dir, Ray Train run dir, MLflow run id, or MLflow model URI "
+                             "(runs:/<run id>/model, models:/<name>/<version|latest>, models:/<name>@<alias>)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, ...)")
     parser.add_argument("--boxes", default=None,
                         help="JSON boxes file: a list, an object keyed by image, COCO detection results "
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/captions", help="where the pictures go (default: runs/captions)")
     parser.add_argument("--decode", choices=("beam", "greedy", "sample"), default="beam")
     parser.add_argument("--beam-size", type=int, default=None, help="default: the checkpoint's caption.beam_size")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store holding the run (for a run id)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store holding the run or model (for a run id or a runs:/, models:/ URI)")
 
 
 def _positive(text: str) -> float:

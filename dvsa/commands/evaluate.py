@@ -1,4 +1,5 @@
-"""``dvsa evaluate --checkpoint RUN_ID_OR_PATH [--split test] [--max-groups N] [--config FILE] [key=value ...]``
+"""``dvsa evaluate --checkpoint PATH_OR_RUN_ID_OR_MODEL_URI [--split test] [--max-groups N] [--config FILE]
+[key=value ...]``
 
 Loads a trained model (:func:`dvsa.inference.checkpoints.load_trained`) and evaluates it
 (:func:`dvsa.evaluation.job.evaluate_checkpoint`):
@@ -12,8 +13,9 @@ Loads a trained model (:func:`dvsa.inference.checkpoints.load_trained`) and eval
   images, ``retrieval_1k/...`` (the mean over its 1K-image folds, the paper's COCO 1K test); a
   table after the metrics says which figures are which, or that a smaller split has no 1K figures.
 
-Metrics go into the SAME MLflow run the checkpoint came from (found by run id, or by the
-run's ``dvsa.checkpoint`` / ``dvsa.run_dir`` tags), so ``dvsa compare`` sees both captioners
+Metrics go into the SAME MLflow run the checkpoint came from (found by run id, by the run that
+logged a ``runs:/<run id>/model`` / ``models:/<name>/<version|latest>`` / ``models:/<name>@<alias>``
+model, or by the run's ``dvsa.checkpoint`` / ``dvsa.run_dir`` tags), so ``dvsa compare`` sees both captioners
 of Table 5 side by side; artifacts: the Fig. 10 picture of a few test images, a table of
 sample captions, all predictions (jsonl) and the metrics (json), also written under
 ``<out>/eval/<run>/``.
@@ -38,7 +40,8 @@ HELP = "evaluate a checkpoint (captions: BLEU/METEOR/ROUGE-L/CIDEr; alignment: R
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint dir, its state.pt, a Ray Train run dir, or an MLflow run id")
+                        help="checkpoint dir, its state.pt, a Ray Train run dir, an MLflow run id, or an MLflow "
+                             "model URI: runs:/<run id>/model, models:/<name>/<version|latest>, models:/<name>@<alias>")
     parser.add_argument("--split", default="test", help="split of the shards to evaluate on (default: test)")
     parser.add_argument("--max-groups", type=int, default=None,
                         help="captioners: score only the first N queries (quick runs)")

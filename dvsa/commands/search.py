@@ -28,7 +28,9 @@ HELP = "top-scoring regions of the test set for a text query"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", help="the text query, e.g. \"red circle\"")
-    parser.add_argument("--checkpoint", required=True, help="alignment model: checkpoint dir, run dir or MLflow run id")
+    parser.add_argument("--checkpoint", required=True,
+                        help="alignment model: checkpoint dir, run dir, MLflow run id, or MLflow model URI "
+                             "(runs:/<run id>/model, models:/<name>/<version|latest>, models:/<name>@<alias>)")
     parser.add_argument("--shards", required=True, help="prepared shard directory (or URL)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--top", type=int, default=8, help="how many regions to show (default 8)")
@@ -36,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which boxes are candidates (auto: proposals, else groups, else regions)")
     parser.add_argument("--max-images", type=int, default=None, help="search only the first N images")
     parser.add_argument("--out", default="runs/search", help="where the picture goes (default: runs/search)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store holding the run (for a run id)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store holding the run or model (for a run id or a runs:/, models:/ URI)")
 
 
 def _slug(text: str) -> str:

@@ -18,7 +18,9 @@ from dvsa.experiments.snippets import SnippetOptions, checkpoint_figure, write_s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="trained alignment model: checkpoint dir, Ray Train run dir or MLflow run id")
+                        help="trained alignment model: checkpoint dir, Ray Train run dir, MLflow run id, or MLflow "
+                             "model URI (runs:/<run id>/model, models:/<name>/<version|latest>, "
+                             "models:/<name>@<alias>; store: MLFLOW_TRACKING_URI)")
     parser.add_argument("--shards", required=True, help="source shards (Karpathy split with proposals)")
     parser.add_argument("--out", required=True, help="output directory (or fsspec URL) for the snippet shards")
     parser.add_argument("--splits", default="train,val",

@@ -28,6 +28,7 @@ from dvsa.config import Config, ConfigError, flatten, load_config, parse_overrid
 from dvsa.errors import DataError, DvsaError
 from dvsa.evaluation.alignment_eval import evaluate_retrieval
 from dvsa.evaluation.regions import RegionEvalOptions, draw_examples, evaluate_regions, sample_table
+from dvsa.inference.alignment_figure import alignment_figure, first_sample
 from dvsa.inference.checkpoints import check_checkpoint, load_trained
 from dvsa.models.checkpoint import META_FILE
 from dvsa.text import Vocab
@@ -98,17 +99,19 @@ def _checkpoint_step(ckpt_dir: Path) -> int:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_captioner(cfg: Config, ckpt_dir: Path, req: EvalRequest, out_dir: Path, notes: list[str]
-                       ) -> tuple[dict, list, list[dict]]:
-    """Metrics, Fig. 10 paths, sample-table rows of a captioner (a Ray Data job)."""
+def evaluate_captioner(cfg: Config, ckpt_dir: Path, req: EvalRequest, out_dir: Path, notes: list[str],
+                       tracking_uri: Optional[str] = None) -> tuple[dict, list, list[dict]]:
+    """Metrics, Fig. 10 paths, sample-table rows of a captioner (a Ray Data job). An MLflow
+    model URI goes to the captioning actors as it is (each resolves it from ``tracking_uri``)."""
     queries = "groups" if req.on == "region" else "images"
     shards = cfg.data.shards if req.on == "region" else (cfg.data.fullframe_shards or cfg.data.shards)
     _check_shards(shards, "data.shards" if req.on == "region" else "data.fullframe_shards")
     with runtime.ray_session(Path(cfg.out).resolve(), cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus):
-        result = evaluate_regions(str(ckpt_dir), shards, req.split, RegionEvalOptions(
+        ref = req.checkpoint if tracking.is_model_uri(req.checkpoint) else str(ckpt_dir)
+        result = evaluate_regions(ref, shards, req.split, RegionEvalOptions(
             queries=queries, max_queries=req.max_groups, batch_size=req.batch_size, concurrency=req.concurrency,
             use_gpu=True if cfg.train.use_gpu else None, num_meteor_actors=req.meteor_actors,
-            decode=cfg.caption.decode, beam_size=cfg.caption.beam_size))
+            decode=cfg.caption.decode, beam_size=cfg.caption.beam_size), tracking_uri=tracking_uri)
     if result.skipped:
         notes.append(f"skipped images (counted, not scored): {result.skipped}")
     if result.expected is not None and result.expected != result.queries:
@@ -131,6 +134,19 @@ def evaluate_alignment(cfg: Config, model: torch.nn.Module, vocab: Vocab, req: E
                                       device="cuda" if cfg.train.use_gpu else None)
     metrics["retrieval/skipped_images"] = float(sum(emb.skipped.values()))
     return metrics
+
+
+def _alignment_pictures(cfg: Config, model: torch.nn.Module, vocab: Vocab, split: str, out_dir: Path,
+                        notes: list[str]) -> list[Path]:
+    """Fig. 5 for the split's first image-sentence pair: the box the MRF aligns each word to."""
+    shards = cfg.data.fullframe_shards or cfg.data.shards
+    try:
+        key, jpg, meta = first_sample(shards, split)
+    except DataError as e:
+        notes.append(f"no alignment picture: {e}")
+        return []
+    path = out_dir / f"alignment_{key}.png"
+    return [alignment_figure(model, vocab, cfg, jpg, meta, path)]
 
 
 def _check_shards(root: str, key: str) -> None:
@@ -180,7 +196,7 @@ def evaluate_checkpoint(req: EvalRequest) -> EvalOutcome:
     ckpt_dir, trained = check_checkpoint(req.checkpoint, uri)   # a bad checkpoint: one line, before MLflow and Ray
     cfg = merged_config(trained, env, given)
     runtime.require_shared_paths(cfg.ray.address, {"data.shards": cfg.data.shards})
-    if not tracking.is_run_id(req.checkpoint):
+    if not (tracking.is_run_id(req.checkpoint) or tracking.is_model_uri(req.checkpoint)):
         # a path: the run lives where its training logged it (unless told otherwise)
         uri = tracking.tracking_uri(Path(cfg.out).resolve(), cfg.mlflow.tracking_uri)
     tracking.prepare_store(uri, cfg.mlflow.experiment)
@@ -193,12 +209,14 @@ def evaluate_checkpoint(req: EvalRequest) -> EvalOutcome:
     try:
         table: list[dict] = []
         if cfg.task == "caption":
-            metrics, pictures, table = evaluate_captioner(cfg, ckpt_dir, req, out_dir, notes)
+            metrics, pictures, table = evaluate_captioner(cfg, ckpt_dir, req, out_dir, notes, uri)
         else:
             model, vocab, _ = load_trained(str(ckpt_dir))
             metrics = evaluate_alignment(cfg, model, vocab, req)
+            pictures = _alignment_pictures(cfg, model, vocab, req.split, out_dir, notes)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _log_evaluation(logger, req.split, ckpt_dir, out_dir, metrics, pictures, table)
+        _log_evaluation(logger, req.split, ckpt_dir, out_dir, metrics, pictures, table,
+                        req.checkpoint if tracking.is_model_uri(req.checkpoint) else str(ckpt_dir))
         status = "FINISHED"
     finally:
         if created:
@@ -210,9 +228,9 @@ def evaluate_checkpoint(req: EvalRequest) -> EvalOutcome:
 
 
 def _log_evaluation(logger: tracking.RunLogger, split: str, ckpt_dir: Path, out_dir: Path, metrics: dict,
-                    pictures: list, table: list[dict]) -> None:
+                    pictures: list, table: list[dict], checkpoint: str) -> None:
     logger.log_metrics(metrics, step=_checkpoint_step(ckpt_dir))
-    logger.set_tags({"dvsa.eval.split": split, "dvsa.eval.checkpoint": str(ckpt_dir)})
+    logger.set_tags({"dvsa.eval.split": split, "dvsa.eval.checkpoint": checkpoint})
     art = f"eval/{split}"
     for p in pictures:
         logger.log_artifact(p, f"{art}/pictures")

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from dvsa import tracking
 from dvsa.config import CaptionDecode
 from dvsa.data.manifest import Manifest
 from dvsa.data.shards import BAD_JSON, iter_samples, parse_row
@@ -111,8 +112,11 @@ class RegionCaptionActor:
     """
 
     def __init__(self, checkpoint_dir: str, queries: str = "groups", device: Optional[str] = None,
-                 decode: Optional[CaptionDecode] = None, beam_size: Optional[int] = None):
-        self.captioner = BoxCaptioner.from_checkpoint(checkpoint_dir, device=device, decode=decode,
+                 decode: Optional[CaptionDecode] = None, beam_size: Optional[int] = None,
+                 tracking_uri: Optional[str] = None):
+        # checkpoint_dir: a directory every node sees, or an MLflow model URI each actor resolves
+        # into its own node's model cache (``tracking_uri``: the store that holds it)
+        self.captioner = BoxCaptioner.from_checkpoint(checkpoint_dir, tracking_uri, device=device, decode=decode,
                                                       beam_size=beam_size)
         self.queries = queries
 
@@ -162,8 +166,11 @@ class RegionCaptionActor:
 
 def prediction_dataset(checkpoint_dir: str, shards: str, split: str = "test", *, queries: str = "groups",
                        batch_size: int = 8, concurrency: int = 1, use_gpu: bool = False,
-                       decode: Optional[CaptionDecode] = None, beam_size: Optional[int] = None):
-    """The streaming Ray Dataset of predictions (one row per query), in shard order."""
+                       decode: Optional[CaptionDecode] = None, beam_size: Optional[int] = None,
+                       tracking_uri: Optional[str] = None):
+    """The streaming Ray Dataset of predictions (one row per query), in shard order.
+    ``checkpoint_dir``: a checkpoint directory every node sees, or an MLflow model URI
+    (``runs:/``, ``models:/``: each actor downloads it from ``tracking_uri``)."""
     import ray
 
     if queries not in QUERY_KINDS:
@@ -173,7 +180,7 @@ def prediction_dataset(checkpoint_dir: str, shards: str, split: str = "test", *,
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(
         RegionCaptionActor, fn_constructor_args=(str(checkpoint_dir), queries, "cuda" if use_gpu else "cpu",
-                                                 decode, beam_size),
+                                                 decode, beam_size, tracking_uri),
         batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
         num_gpus=1 if use_gpu else 0, num_cpus=1, zero_copy_batch=True)
 
@@ -251,7 +258,9 @@ def evaluate_regions(checkpoint: str, shards: str, split: str = "test",
     """Caption every query of ``split`` with the checkpoint's captioner and score the captions.
 
     ``checkpoint``: anything :func:`dvsa.inference.checkpoints.load_trained` accepts; it is resolved
-    to a directory on the driver and loaded by every actor. Needs a connected Ray.
+    to a directory on the driver and loaded by every actor (an MLflow model URI is resolved by
+    every actor from ``tracking_uri``, so actors on other nodes need no shared path). Needs a
+    connected Ray.
     """
     import ray
 
@@ -263,8 +272,10 @@ def evaluate_regions(checkpoint: str, shards: str, split: str = "test",
     manifest = Manifest.read(shards)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if o.use_gpu is None else o.use_gpu
     queries = o.queries
-    ds = prediction_dataset(str(ckpt), shards, split, queries=queries, batch_size=o.batch_size,
-                            concurrency=o.concurrency, use_gpu=use_gpu, decode=o.decode, beam_size=o.beam_size)
+    model_uri = tracking.is_model_uri(checkpoint)
+    ds = prediction_dataset(checkpoint if model_uri else str(ckpt), shards, split, queries=queries,
+                            batch_size=o.batch_size, concurrency=o.concurrency, use_gpu=use_gpu, decode=o.decode,
+                            beam_size=o.beam_size, tracking_uri=tracking_uri)
     preds, skipped, capped = collect_predictions(ds, o.max_queries)
     metrics = score_predictions(preds, METRIC_PREFIX[queries], o.num_meteor_actors, o.meteor_actor_cpus)
     prefix = METRIC_PREFIX[queries]

@@ -44,7 +44,7 @@ from dvsa import tracking
 from dvsa.config import Config
 from dvsa.data.groups import IOU_GROUP, region_groups
 from dvsa.data.manifest import DEFAULT_SHARD_BYTES, Manifest, ShardRecord, SplitCounts, Tally
-from dvsa.data.shards import BAD_JSON, RawSample, ShardWriter, iter_samples, list_shards, parse_row
+from dvsa.data.shards import BAD_JSON, RawSample, ShardWriter, list_shards, parse_row
 from dvsa.errors import DataError, DvsaError
 from dvsa.files import Folder
 from dvsa.inference.alignment import (
@@ -52,16 +52,15 @@ from dvsa.inference.alignment import (
     alignment_boxes,
     decode_images,
     embed_decoded,
-    embed_images,
     encode_sentences,
 )
+from dvsa.inference.alignment_figure import alignment_figure, first_sample
 from dvsa.inference.checkpoints import load_trained, resolve_checkpoint
 from dvsa.ingest.dataset import dataset_paths
 from dvsa.models.alignment import AlignmentModel
 from dvsa.models.checkpoint import load_config_file
 from dvsa.models.mrf import snippets
 from dvsa.text import Vocab
-from dvsa.viz import draw_alignment
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +129,11 @@ class SnippetAligner:
     """
 
     def __init__(self, checkpoint: str, beta: float, include_full_image: bool = True,
-                 device: str = "cpu"):
+                 device: str = "cpu", tracking_uri: Optional[str] = None):
+        # checkpoint: a directory every node sees, or an MLflow model URI each actor resolves
+        # into its own node's model cache from the store at tracking_uri
         self.device = torch.device(device)
-        model, self.vocab, self.cfg = load_trained(checkpoint, map_location=self.device)
+        model, self.vocab, self.cfg = load_trained(checkpoint, tracking_uri, map_location=self.device)
         if not isinstance(model, AlignmentModel):   # the driver refuses other checkpoints first
             raise DvsaError(f"{checkpoint}: a {self.cfg.task!r} checkpoint; snippet alignment needs an alignment model")
         self.model = model
@@ -252,8 +253,8 @@ def write_snippet_shards(checkpoint: str, shards: str, out: str, options: Option
     source = Manifest.read(shards)
     todo = _splits_to_align(shards, o.splits)
     Folder.of(out).make()
-    job = _AlignJob(str(ckpt), beta, o.include_full_image, o.use_gpu, o.batch_size,
-                    _actor_count(o.concurrency, o.use_gpu))
+    job = _AlignJob(checkpoint if tracking.is_model_uri(checkpoint) else str(ckpt), beta, o.include_full_image,
+                    o.use_gpu, o.batch_size, _actor_count(o.concurrency, o.use_gpu), tracking_uri)
     counts, written = _SnippetCounts(), []
     for split in todo:
         with ShardWriter(str(out), split, o.shard_bytes) as writer:
@@ -267,7 +268,8 @@ def write_snippet_shards(checkpoint: str, shards: str, out: str, options: Option
                  split, c.images, c.regions, c.groups, len(writer.shards))
     _check_source_counts(source, shards, todo, counts.tally)
     min_count = source.vocab.min_count if source.vocab is not None else 1
-    params = {"checkpoint": str(ckpt), "source_shards": str(shards), "beta": beta,
+    params = {"checkpoint": checkpoint if tracking.is_model_uri(checkpoint) else str(ckpt),
+              "source_shards": str(shards), "beta": beta,
               "include_full_image": bool(o.include_full_image), "max_regions": cfg.data.max_regions,
               "image_size": cfg.data.image_size, "iou_threshold": IOU_GROUP, "min_count": min_count,
               "splits": list(todo)}
@@ -326,6 +328,7 @@ class _AlignJob:
     use_gpu: bool
     batch_size: int
     concurrency: int
+    tracking_uri: Optional[str] = None       # the store of an MLflow model URI checkpoint
 
     def rows(self, shards: str, split: str) -> Iterator[dict[str, Any]]:
         """One row per input sample (SnippetAligner's columns, as Python values)."""
@@ -334,7 +337,7 @@ class _AlignJob:
         ds = ray.data.read_webdataset(dataset_paths(shards, split), decoder=None, suffixes=["jpg", "json"])
         ds.context.execution_options.preserve_order = True
         ds = ds.map_batches(SnippetAligner, fn_constructor_args=(self.checkpoint, self.beta, self.include_full_image,
-                                                                 "cuda" if self.use_gpu else "cpu"),
+                                                                 "cuda" if self.use_gpu else "cpu", self.tracking_uri),
                             batch_size=self.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=self.concurrency),
                             num_gpus=1 if self.use_gpu else 0)
@@ -415,39 +418,6 @@ def _object_array(values: list) -> np.ndarray:
 # --------------------------------------------------------------------------- Fig. 5
 
 
-def first_sample(shards: str, split: str) -> tuple[str, bytes, dict]:
-    """The first sample of ``split`` that has a JPEG and a non-empty sentence."""
-    for key, jpg, meta in iter_samples(shards, split):
-        if jpg and any(s.get("tokens") for s in meta.get("sentences") or []):
-            return key, jpg, meta
-    raise DataError(f"{shards}: no {split} sample with an image and a sentence")
-
-
-def alignment_figure(model, vocab: Vocab, cfg: Config, jpg: bytes, meta: dict, path: str | Path, *, sentence: int = 0,
-                     beta: Optional[float] = None, title: Optional[str] = None) -> Path:
-    """Fig. 5: one image-sentence pair, each word coloured like the box the MRF (``beta``,
-    default ``align.mrf_beta``) aligns it to; snippets show as spans. Returns the PNG path."""
-    import io
-
-    from PIL import Image
-
-    sents = [s for s in meta.get("sentences") or [] if s.get("tokens")]
-    if not 0 <= sentence < len(sents):
-        raise DataError(f"image {meta.get('image_id')}: no sentence {sentence} (it has {len(sents)})")
-    beta = float(cfg.align.mrf_beta if beta is None else beta)
-    boxes = alignment_boxes(meta, cfg.data.max_regions, cfg.align.whole_image)
-    v, v_mask = embed_images(model, [jpg], [boxes], cfg.data.image_size, cfg.data.jpeg_decoder)
-    toks = list(sents[sentence]["tokens"])
-    tokens, lengths = encode_sentences(vocab, [toks])
-    assign, unary = align_sentences(model, v, v_mask, torch.zeros(1, dtype=torch.long), tokens, lengths, beta)
-    a = assign[0, : len(toks)].tolist()
-    scores = [float(unary[0, t, a[t]]) for t in range(len(toks))]
-    with Image.open(io.BytesIO(jpg)) as im:
-        img = im.convert("RGB")
-    title = title or f"image {meta.get('image_id')}: MRF snippets (beta={beta:g}); box 0 = whole image"
-    return draw_alignment(img, boxes, toks, a, path, word_scores=scores, title=title)
-
-
 def checkpoint_figure(checkpoint: str, shards: str, split: str, path: str | Path, *,
                       beta: Optional[float] = None) -> Optional[Path]:
     """Fig. 5 of the first sample of ``split`` with a trained alignment model, also logged to the
@@ -460,7 +430,10 @@ def checkpoint_figure(checkpoint: str, shards: str, split: str, path: str | Path
     resolved = resolve_checkpoint(checkpoint)
     model, vocab, cfg = load_trained(str(resolved))
     fig = alignment_figure(model, vocab, cfg, jpg, meta, path, beta=beta)
-    uri = tracking.tracking_uri(os.environ.get("DVSA_OUT", cfg.out), cfg.mlflow.tracking_uri)
+    if tracking.is_model_uri(checkpoint):   # the store it was resolved in
+        uri = tracking.tracking_uri(os.environ.get("DVSA_OUT", "runs"))
+    else:
+        uri = tracking.tracking_uri(os.environ.get("DVSA_OUT", cfg.out), cfg.mlflow.tracking_uri)
     try:
         rid = tracking.find_checkpoint_run(uri, checkpoint, resolved)
     except Exception as e:  # no store there: the picture is still on disk

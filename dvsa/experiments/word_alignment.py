@@ -32,9 +32,9 @@ from dvsa.boxes import iou
 from dvsa.config import Config
 from dvsa.data.shards import iter_samples
 from dvsa.errors import DataError, DvsaError
-from dvsa.experiments.snippets import alignment_figure, first_sample
 from dvsa.files import load_json
 from dvsa.inference.alignment import align_sentences, alignment_boxes, decode_images, embed_decoded, encode_sentences
+from dvsa.inference.alignment_figure import alignment_figure, first_sample
 from dvsa.inference.checkpoints import load_trained, resolve_checkpoint
 from dvsa.models.alignment import AlignmentModel
 from dvsa.models.mrf import viterbi_align

@@ -128,6 +128,14 @@ def read_boxes_file(path: str, box_format: BoxFormat = "xyxy") -> BoxesFile:
                     f"or densecap's results.json, got {type(spec).__name__}")
 
 
+def parse_boxes(boxes: object, where: str, box_format: BoxFormat = "xyxy") -> list[GivenBox]:
+    """One image's boxes given as data (a list of boxes in ``box_format`` or VG region objects,
+    as in a boxes file), checked the same way; ``where`` names them in errors."""
+    if box_format not in BOX_FORMATS:
+        raise DataError(f"box format must be one of {', '.join(BOX_FORMATS)}, got {box_format!r}")
+    return _box_list(boxes, where, box_format)
+
+
 def _box_list(boxes: object, where: str, box_format: BoxFormat) -> list[GivenBox]:
     if not isinstance(boxes, list):
         raise DataError(f"{where}: expected a list of {LAYOUT[box_format]} boxes, got {type(boxes).__name__}")

@@ -1,11 +1,17 @@
 """Finding and loading a trained model: a checkpoint dir, its ``state.pt``, a Ray Train run dir
-(its best checkpoint), a remote checkpoint URL, or an MLflow run id (the run's
-``dvsa.checkpoint`` tag). The directory format itself is :mod:`dvsa.models.checkpoint`."""
+(its best checkpoint), a remote checkpoint URL, an MLflow run id (the run's ``dvsa.checkpoint``
+tag), or an MLflow model URI (``runs:/<run id>/model``, ``models:/<name>/<version|latest>``,
+``models:/<name>@<alias>``: the model's checkpoint files are downloaded from the tracking server
+into the model cache, :func:`model_cache_dir`). The directory format itself is
+:mod:`dvsa.models.checkpoint`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,9 +61,58 @@ def _checkpoint_info(checkpoint_dir: Path) -> dict:
     return info
 
 
+MODEL_CACHE_ENV = "DVSA_MODEL_CACHE"
+MODEL_FILES = "artifacts"     # the subdirectory of an MLflow model holding its checkpoint files
+
+
+def model_cache_dir() -> Path:
+    """Where MLflow models' checkpoint files are downloaded: ``$DVSA_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/dvsa/models`` (``~/.cache/dvsa/models``)."""
+    if os.environ.get(MODEL_CACHE_ENV):
+        return Path(os.environ[MODEL_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvsa" / "models"
+
+
+def model_checkpoint(model_uri: str, tracking_uri: str) -> Path:
+    """The local checkpoint dir of an MLflow model URI: its files (weights, vocabulary, config)
+    downloaded once per logged model into :func:`model_cache_dir` (a logged model's files never
+    change), read later with ``weights_only=True`` like any checkpoint. DvsaError naming the URI
+    and the store when it does not resolve."""
+    source = tracking.model_source(tracking_uri, model_uri)
+    key = source.model_id or "loc-" + hashlib.sha256(source.location.encode()).hexdigest()[:24]
+    cache = model_cache_dir()
+    target = cache / key
+    if (target / STATE_FILE).is_file():
+        return target
+    if target.exists():                  # not a finished download (removed by hand, ...): again
+        shutil.rmtree(target, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        try:
+            got = tracking.download_model_files(tracking_uri, source, MODEL_FILES, tmp)
+        except Exception as e:
+            raise DvsaError(f"--checkpoint {model_uri}: cannot download the model's files from {source.location} "
+                            f"({type(e).__name__}: {tracking.first_line(e)})") from None
+        if not (got / STATE_FILE).is_file():
+            raise DvsaError(f"--checkpoint {model_uri}: not a dvsa model (no {MODEL_FILES}/{STATE_FILE} in it) "
+                            f"in {tracking_uri}")
+        try:
+            got.rename(target)       # atomic: a reader never sees half a download
+        except OSError:
+            if not (target / STATE_FILE).is_file():   # not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_checkpoint(path_or_run_id: str, tracking_uri: Optional[str] = None) -> Path:
-    """A local checkpoint dir for a path, a Ray Train run dir, a remote URL or an MLflow run id."""
+    """A local checkpoint dir for a path, a Ray Train run dir, a remote URL, an MLflow run id or
+    an MLflow model URI (``runs:/``, ``models:/``)."""
     s = str(path_or_run_id)
+    if tracking.is_model_uri(s):
+        return model_checkpoint(s, tracking_uri or tracking.tracking_uri(os.environ.get("DVSA_OUT", "runs")))
     p = Path(s)
     if p.is_file() and p.name == STATE_FILE:
         return p.parent
@@ -86,7 +141,8 @@ def resolve_checkpoint(path_or_run_id: str, tracking_uri: Optional[str] = None) 
         if not ref:
             raise DvsaError(f"MLflow run {s} has no {tracking.CHECKPOINT_TAG} tag (did its training finish?)")
         return resolve_checkpoint(ref, uri)
-    raise DvsaError(f"{s}: no such checkpoint (expected a checkpoint dir, a Ray Train run dir or an MLflow run id)")
+    raise DvsaError(f"{s}: no such checkpoint (expected a checkpoint dir, a Ray Train run dir, an MLflow run id "
+                    f"or an MLflow model URI: {tracking.MODEL_URI_FORMS})")
 
 
 def _any_config(run_dir: Path) -> Optional[Config]:

@@ -3,7 +3,7 @@
 A sample that cannot make a row (undecodable JPEG, no usable caption for the task, a json
 that does not parse) is dropped from the batch and counted here, never silently lost. The
 counts live in one small Ray actor owned by the process that built the dataset (the job
-driver); workers add to it (waiting for the ack, so a delivered batch's skips are counted), the
+driver), on that process's node; workers add to it (waiting for the ack, so a delivered batch's skips are counted), the
 driver reads it (``counts()``) after an epoch and logs it. Counts are cumulative over every
 pass over the data: a corrupt image is counted once per epoch.
 """
@@ -48,11 +48,23 @@ def _actor_class():
     return _ACTOR_CLASS
 
 
+def _on_this_node():
+    """The counting actor on the node of the process that makes it (the job driver, or a Tune
+    trial's function): it then shares that process's fate. Placed anywhere, it could land on a
+    worker node, and losing that node would kill it while the job goes on: every restarted
+    worker group would then fail reading it (seen in tests/test_cluster_rehearsal.py)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return _actor_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+
 class SkipCounter:
     """A handle to the counting actor; picklable, so ``map_batches`` workers can hold it."""
 
     def __init__(self, actor=None):
-        self._actor = actor if actor is not None else _actor_class().remote()
+        self._actor = actor if actor is not None else _on_this_node()
 
     def add(self, counts: Mapping[str, int], examples: Mapping[str, str] | None = None) -> None:
         """Add ``{reason: n}``; ``examples``: ``{reason: "key: detail"}``. Waits for the actor

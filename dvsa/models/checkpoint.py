@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,6 +74,25 @@ def load_state(directory: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise DvsaError(f"{p}: not a dvsa checkpoint (no model state dict in it)")
     return state
+
+
+def write_inference_copy(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A checkpoint directory at ``out`` with what inference needs of the one at ``directory``:
+    ``state.pt`` holding the model weights (read with ``weights_only=True``; step, epoch and
+    metrics kept, optimizer and scheduler state left out), ``vocab.json``, ``config.yaml`` and
+    ``checkpoint.json``. Loads like any checkpoint (:func:`load_checkpoint_dir`); returns ``out``."""
+    src, dst = Path(directory), Path(out)
+    state = load_state(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state["model"], "optimizer": None, "scheduler": None, "step": int(state.get("step", 0)),
+                "epoch": int(state.get("epoch", 0)), "metrics": dict(state.get("metrics") or {})}, dst / STATE_FILE)
+    for name in (VOCAB_FILE, CONFIG_FILE, META_FILE):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+        elif name != META_FILE:
+            raise DvsaError(f"{src / name}: no such file (a checkpoint holds {STATE_FILE}, {VOCAB_FILE}, "
+                            f"{CONFIG_FILE})")
+    return dst
 
 
 def load_config_file(directory: str | os.PathLike) -> Config:

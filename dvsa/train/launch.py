@@ -8,7 +8,9 @@
 4. build the streaming train/val datasets (:func:`dvsa.ingest.build_dataset`) and fit a
    ``TorchTrainer`` (:func:`dvsa.train.common.build_trainer`); rank 0 logs into the run;
 5. log the outcome: best-checkpoint summary metrics, the checkpoint reference (tag + json),
-   vocabulary, resolved config, sample captions table, loss-curve PNG; end the run.
+   vocabulary, resolved config, sample captions table, loss-curve PNG, and the best checkpoint
+   as the run's MLflow model ``runs:/<run id>/model``, registered as a new version of
+   ``mlflow.registered_model`` (:func:`registered_model_name`); end the run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from dvsa import runtime, tracking, viz
-from dvsa.config import Config, ConfigError
+from dvsa.config import Config, ConfigError, registry_name
 from dvsa.data.manifest import Manifest
 from dvsa.errors import DataError, DvsaError
 from dvsa.ingest import build_dataset
@@ -282,10 +284,46 @@ def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) 
         if any(curves.values()):
             png = viz.plot_curves(curves, Path(tmp) / "loss_curves.png", title=outcome.name)
             logger.log_artifact(png, "plots")
+    model_line = _log_model(cfg, logger, outcome)
     shown = " ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if k.startswith("val/"))
     print(f"[{outcome.name}] done: step {outcome.step}, epoch {outcome.epoch}; {shown}\n"
           f"  best checkpoint: {outcome.checkpoint}\n"
-          f"  MLflow run {outcome.run_id} ({outcome.tracking_uri})", flush=True)
+          f"  MLflow run {outcome.run_id} ({outcome.tracking_uri})" + (f"\n  {model_line}" if model_line else ""),
+          flush=True)
+
+
+def registered_model_name(cfg: Config) -> Optional[str]:
+    """The registry name a job's model is registered under: ``mlflow.registered_model``, else
+    the job's train name (``train.name``, else ``<name>-<task>[-<mode>-<cell>]``: no timestamp,
+    so re-training adds a version) made a valid name (:func:`dvsa.config.registry_name`); None
+    when ``mlflow.log_model`` or ``mlflow.register_model`` is off."""
+    if not (cfg.mlflow.log_model and cfg.mlflow.register_model):
+        return None
+    return cfg.mlflow.registered_model or registry_name(run_name(cfg))
+
+
+def _log_model(cfg: Config, logger, outcome: TrainOutcome) -> Optional[str]:
+    """Log the best checkpoint as the run's MLflow model and register it (tags
+    ``dvsa.model_uri``, ``dvsa.registered_model``); the summary line. A failure is a warning:
+    the training and its checkpoints stand."""
+    if not (cfg.mlflow.log_model and outcome.checkpoint):
+        return None
+    from dvsa.inference.checkpoints import resolve_checkpoint
+    from dvsa.inference.mlflow_model import log_model
+
+    name = registered_model_name(cfg)
+    try:
+        logged = log_model(resolve_checkpoint(outcome.checkpoint), logger.uri, logger.run_id, registered_name=name,
+                           step=outcome.step, tags={tracking.TRAIN_NAME_TAG: outcome.name})
+    except Exception as e:
+        log.warning("[%s] could not log the MLflow model: %s", outcome.name, e)
+        return f"MLflow model: not logged ({type(e).__name__}: {tracking.first_line(e)})"
+    tags = {tracking.MODEL_URI_TAG: logged.uri}
+    if logged.registered:
+        tags[tracking.REGISTERED_MODEL_TAG] = logged.registered
+    logger.set_tags(tags)
+    registered = f", registered as {logged.registered}" if logged.registered else ""
+    return f"MLflow model: {logged.uri}{registered} (logged in {logged.seconds:.1f} s)"
 
 
 def _log_picture(picture: dict, path: Path, logger, title: str) -> None:
