@@ -177,13 +177,20 @@ class LocalCluster:
         self.wait_nodes(before + 1)
         return proc
 
-    def kill_worker_raylet(self, index: int = 0) -> int:
-        """SIGKILL the raylet of worker node ``index`` (a node lost: its workers die with it).
-        Returns the raylet's pid; the node's other processes are stopped too."""
+    def kill_worker_node(self, index: int = 0) -> int:
+        """Lose worker node ``index`` as a machine is lost: SIGKILL its raylet and every process
+        under it (its workers included) at once. Returns the raylet's pid. (The process tree is
+        read before anything dies: a worker whose raylet is gone is re-parented and would be
+        missed, and such a worker keeps training until it notices.)"""
         proc = self.workers.pop(index)
-        raylets = [p for p in children(proc.pid) if comm(p) == "raylet"]
+        tree = children(proc.pid)
+        raylets = [p for p in tree if comm(p) == "raylet"]
         assert raylets, f"no raylet under ray start pid {proc.pid}"
-        os.kill(raylets[0], signal.SIGKILL)
+        for pid in [*raylets, *tree, proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         stop_tree(proc, grace_s=2.0)
         return raylets[0]
 

@@ -15,9 +15,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -277,77 +274,8 @@ def test_server_script_refuses_to_bind_every_interface(host, tmp_path):
     assert not (tmp_path / "shared").exists()            # refused before touching anything
 
 
-def _have_postgres() -> bool:
-    return all(shutil.which(t) for t in ("initdb", "pg_ctl", "postgres", "psql"))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _have_postgres(), reason="PostgreSQL (initdb, pg_ctl, postgres) not installed")
-def test_server_script_serves_mlflow_from_postgres_and_keeps_data_across_restarts(monkeypatch):
-    """start -> log a run (param, metric, artifact) over HTTP -> the metric is in PostgreSQL and the
-    artifact on the shared dir -> status -> start again (idempotent) -> stop -> start (data kept) -> stop."""
-    import psycopg2
-    from tracking_server import free_port
-
-    # PostgreSQL runs as its own user when we are root: the shared dir must be traversable
-    root = Path(tempfile.mkdtemp(prefix="dvsa-mls-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    shared = root / "shared"
-    env = {**os.environ, "DVSA_SHARED": str(shared), "MLFLOW_HOST": "127.0.0.1",
-           "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()), "PG_SOCKET_DIR": str(root / "pgsock"),
-           "PYTHON": sys.executable, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    uri = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
-    note = root / "note.txt"
-    note.write_text("hello")
-    try:
-        t = time.time()
-        res = _script("start", env=env, timeout=400)
-        assert res.returncode == 0, res.stdout + res.stderr
-        print(f"first start (initdb, migrations): {time.time() - t:.1f} s")
-        assert f"MLFLOW_TRACKING_URI={uri}" in res.stdout.splitlines()
-        from mlflow import MlflowClient
-
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        client = MlflowClient(tracking_uri=uri)          # over HTTP, as a Ray worker would
-        run_id = client.create_run(client.create_experiment("script-check")).info.run_id
-        client.log_param(run_id, "lr", 0.01)
-        client.log_metric(run_id, "loss", 0.25, step=3)
-        client.log_artifact(run_id, str(note))           # proxied: the server writes the file
-        client.set_terminated(run_id)
-
-        conn = psycopg2.connect(host="127.0.0.1", port=int(env["PG_PORT"]), user="dvsa", dbname="mlflow")
-        try:
-            cur = conn.cursor()
-            cur.execute("SELECT key, value, step FROM metrics WHERE run_uuid = %s", (run_id,))
-            assert cur.fetchall() == [("loss", 0.25, 3)]
-            cur.execute("SHOW listen_addresses")
-            assert cur.fetchone() == ("127.0.0.1",)
-        finally:
-            conn.close()
-        assert [p.read_text() for p in (shared / "mlflow-artifacts").rglob("note.txt")] == ["hello"]
-        assert not list(root.rglob("*.db"))
-
-        assert _script("status", env=env).returncode == 0
-        again = _script("start", env=env)
-        assert again.returncode == 0 and "already running" in again.stdout
-        pid = int((shared / "mlflow-server" / "mlflow.pid").read_text().split()[0])
-
-        assert _script("stop", env=env, timeout=120).returncode == 0
-        assert not Path(f"/proc/{pid}").exists()
-        assert _script("status", env=env).returncode == 3
-
-        t = time.time()
-        res = _script("start", env=env, timeout=400)
-        assert res.returncode == 0, res.stdout + res.stderr
-        print(f"restart: {time.time() - t:.1f} s")
-        kept = client.get_run(run_id)
-        assert kept.data.params == {"lr": "0.01"} and kept.data.metrics == {"loss": 0.25}
-        (root / "dl").mkdir()
-        assert Path(client.download_artifacts(run_id, "note.txt", str(root / "dl"))).read_text() == "hello"
-    finally:
-        _script("stop", env=env, timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
+# The script's start / stop / status / restart with the data kept, over a real PostgreSQL and
+# `mlflow server`, run in tests/test_cluster_rehearsal.py (its tracking server is this script).
 
 
 # --------------------------------------------------------------------------- KubeRay

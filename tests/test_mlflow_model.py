@@ -2,8 +2,8 @@
 (``runs:/<run id>/model``, registered: ``models:/<name>/latest``), loaded with
 ``mlflow.pyfunc.load_model`` (in a fresh process for the trained captioner), and ``--checkpoint``
 URIs in ``dvsa evaluate`` / ``caption`` (resolved, cached, logged into the model's run; a URI
-that does not resolve is one line). The HTTP case (a tracking server proxying the artifacts)
-is in tests/test_tracking_server.py, which starts the server."""
+that does not resolve is one line). The HTTP case (the cluster's tracking server proxying the
+artifacts, over PostgreSQL) is in tests/test_cluster_rehearsal.py."""
 
 from __future__ import annotations
 
