@@ -431,16 +431,21 @@ def _run_model(uri: str, model_uri: str, fail, malformed) -> ModelSource:
     raise fail(f"MLflow run {run_id} has no model {path!r} (a dvsa training run logs {MODEL_NAME!r})")
 
 
+def _found(fail, missing: str, call, *args):
+    """``call(*args)`` (retried while the store is locked); a not-found answer becomes ``fail(missing)``."""
+    try:
+        return retry_locked(call, *args)
+    except Exception as e:
+        if _not_found(e):
+            raise fail(missing) from None
+        raise
+
+
 def _registered_model(uri: str, model_uri: str, fail, malformed) -> ModelSource:
     body = model_uri[len("models:/"):]
     c = client(uri)
     if "/" not in body and "@" not in body:            # models:/<model id>
-        try:
-            lm = retry_locked(c.get_logged_model, body)
-        except Exception as e:
-            if _not_found(e):
-                raise fail(f"no logged model {body!r}") from None
-            raise
+        lm = _found(fail, f"no logged model {body!r}", c.get_logged_model, body)
         return ModelSource(model_uri, lm.artifact_location, lm.source_run_id, lm.model_id)
     if "/" in body:
         name, _, suffix = body.partition("/")
@@ -452,12 +457,7 @@ def _registered_model(uri: str, model_uri: str, fail, malformed) -> ModelSource:
         suffix = ""
         if not alias:
             raise malformed("no alias after '@'")
-    try:
-        registered = retry_locked(c.get_registered_model, name)
-    except Exception as e:
-        if _not_found(e):
-            raise fail(f"no such registered model {name!r}") from None
-        raise
+    registered = _found(fail, f"no such registered model {name!r}", c.get_registered_model, name)
     if alias is None and not suffix.isdigit():        # latest: the highest version number
         versions = list(registered.latest_versions or [])
         if not versions and "'" not in name:
@@ -466,16 +466,11 @@ def _registered_model(uri: str, model_uri: str, fail, malformed) -> ModelSource:
             raise fail(f"registered model {name!r} has no versions")
         mv = max(versions, key=lambda v: int(v.version))
     else:
-        try:
-            if alias is not None:
-                mv = retry_locked(c.get_model_version_by_alias, name, alias)
-            else:
-                mv = retry_locked(c.get_model_version, name, suffix)
-        except Exception as e:
-            if not _not_found(e):
-                raise
-            what = f"no alias {alias!r}" if alias is not None else f"no version {suffix}"
-            raise fail(f"registered model {name!r} has {what}") from None
+        if alias is not None:
+            mv = _found(fail, f"registered model {name!r} has no alias {alias!r}", c.get_model_version_by_alias,
+                        name, alias)
+        else:
+            mv = _found(fail, f"registered model {name!r} has no version {suffix}", c.get_model_version, name, suffix)
     model_id = getattr(mv, "model_id", None) or (mv.tags or {}).get(MODEL_ID_TAG)
     run_id = mv.run_id or None
     if model_id:

@@ -27,8 +27,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -242,7 +244,7 @@ class TrackingScript:
         self.root = root
         self.env = {**os.environ, "DVSA_SHARED": str(root), "MLFLOW_HOST": "127.0.0.1",
                     "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()),
-                    "PYTHON": str(Path(os.sys.executable))}
+                    "PYTHON": sys.executable}
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.uri = f"http://127.0.0.1:{self.env['MLFLOW_PORT']}"
 
@@ -268,8 +270,6 @@ class TrackingScript:
 
 
 def _have_postgres() -> bool:
-    import shutil
-
     return all(shutil.which(t) for t in ("initdb", "pg_ctl", "postgres"))
 
 
@@ -309,8 +309,6 @@ def rehearsal(synth_world):
             Path(dest).write_text(json.dumps(r.report, indent=2) + "\n")
         print("\ncluster rehearsal:", json.dumps(r.report))
         if not os.environ.get("DVSA_REHEARSAL_KEEP"):
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -605,7 +603,7 @@ def test_a_fresh_process_loads_a_model_from_the_tracking_server(rehearsal, capsy
     image.write_bytes(jpg)
     sentence = " ".join(meta["sentences"][0]["tokens"])
     env = {**os.environ, "MLFLOW_TRACKING_URI": r.server.uri, "DVSA_MODEL_CACHE": str(r.tmp / "fresh-cache")}
-    done = subprocess.run([os.sys.executable, "-c", _PYFUNC_SCORE, f"models:/{name}/latest", str(image), sentence],
+    done = subprocess.run([sys.executable, "-c", _PYFUNC_SCORE, f"models:/{name}/latest", str(image), sentence],
                           capture_output=True, text=True, env=env, cwd=r.tmp, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (score,) = json.loads(done.stdout.strip().splitlines()[-1])
