@@ -31,7 +31,15 @@ worker processes (its ``num_workers_soft_limit``), so the actor pool's workers p
 arms' warm workers out, and every later task pass starts fresh processes. ``--idle-workers``
 (default 4 x C) raises that limit for the benchmark's Ray, so that the arms stop restarting each
 other's workers (0: Ray's default). Compare task arms with --arms too.
-Ray is started with num_cpus=C; the DataLoader uses C worker processes.
+Ray is started with num_cpus=C; the DataLoader uses C worker processes. Both arms' workers run
+at the same niceness: Ray starts its workers at nice 15 (its ``worker_niceness``), the
+DataLoader's inherit this process's 0, and on a shared host the nice-0 processes take the CPU
+from the nice-15 ones (and are interrupted less), so ``--worker-niceness`` (default 0,
+recorded in the JSON) sets Ray's. Both arms hand the train loop batches of B rows; the Ray
+arms' blocks hold ``--decode-batch-size`` rows (``data.decode_batch_size``, default 4 x B: the
+executor's, raylet's and iterator's costs are per block). The CPU seconds of each pass are also
+split by process (driver, DataLoader workers, Ray workers, Ray's actors and agents, raylet, GCS:
+``cpu_seconds_by_process``).
 
     .venv/bin/python benchmarks/ingest.py [--images 960] [--size 224] [--cpus 2] [--reps 3]
 """
@@ -119,6 +127,62 @@ def _proc_stat(pid: str) -> tuple[int, float] | None:
         return None
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[1]), sum(int(x) for x in fields[11:15]) / ticks
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def process_role(pid: int, root: int, root_cmdline: str) -> str:
+    """What a process of this run's tree is: ``driver`` (this process: the DataLoader's main
+    loop, or Ray Data's executor and iterator threads), ``dataloader_workers`` (forked
+    DataLoader workers), ``ray_workers`` (Ray task workers: the decode tasks), ``ray_actors``
+    (Ray Data's stats and autoscaling actors, the skip counter, Ray's agents), ``raylet``,
+    ``gcs``, ``other``."""
+    if pid == root:
+        return "driver"
+    cmd = _cmdline(pid)
+    if "raylet" in cmd.split(" ")[0]:
+        return "raylet"
+    if "gcs_server" in cmd.split(" ")[0]:
+        return "gcs"
+    if cmd.startswith("ray::"):
+        name = cmd[5:].split(" ")[0]
+        actor = name.startswith("_") or name.endswith(("Actor", "Agent")) or "Actor." in name
+        return "ray_actors" if actor else "ray_workers"
+    if cmd == root_cmdline:
+        return "dataloader_workers"
+    return "other"
+
+
+def tree_cpu_by_process(root: int | None = None) -> dict[int, tuple[str, float]]:
+    """``{pid: (role, CPU seconds so far)}`` of this process and all its descendants
+    (:func:`process_role`); an exited process counts through its parent's reaped-children time."""
+    root = os.getpid() if root is None else root
+    stats = {int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := _proc_stat(p)) is not None}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    root_cmd = _cmdline(root)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            out[pid] = (process_role(pid, root, root_cmd), stats[pid][1])
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two :func:`tree_cpu_by_process` snapshots, by role."""
+    out: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        out[role] = out.get(role, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
+    return out
 
 
 def tree_cpu_seconds(root: int | None = None) -> float:
@@ -235,11 +299,18 @@ def main() -> int:
     ap.add_argument("--out", default="ingest.json", help="file name under benchmarks/results/")
     ap.add_argument("--idle-workers", type=int, default=None,
                     help="Ray's num_workers_soft_limit (idle workers kept), default 4 x --cpus; 0: Ray's default")
+    ap.add_argument("--decode-batch-size", type=int, default=None,
+                    help="the Ray arms' data.decode_batch_size (rows per output block), default 4 x --batch-size")
+    ap.add_argument("--worker-niceness", type=int, default=0,
+                    help="Ray's worker_niceness for the benchmark's Ray (Ray's default is 15); 0: the DataLoader "
+                         "workers' niceness, so that other load on a shared host treats both arms alike; "
+                         "-1: Ray's default")
     ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()
 
     import ray
 
+    load_before = os.getloadavg()
     from dvsa.config import Config
     from dvsa.data.shards import list_shards, load_vocab
     from dvsa.ingest.builder import IngestSpec
@@ -249,8 +320,9 @@ def main() -> int:
         root = make_bench_shards(os.path.join(work, "shards"), args.images)
         urls = list_shards(root, "train")
         vocab = load_vocab(root)
+        decode_batch = args.decode_batch_size or 4 * args.batch_size
         base = {"data.image_size": args.size, "data.decode_concurrency": args.cpus,
-                "data.decode_batch_size": args.batch_size, "caption.max_regions_per_image": 10}
+                "data.decode_batch_size": decode_batch, "caption.max_regions_per_image": 10}
         cfgs = {
             "ray_pil": Config().replace(**base),
             "ray_torchvision": Config().replace(**base, **{"data.jpeg_decoder": "torchvision"}),
@@ -261,6 +333,8 @@ def main() -> int:
         idle_workers = 4 * args.cpus if args.idle_workers is None else args.idle_workers
         if idle_workers:   # read by the raylet at start (RayConfig num_workers_soft_limit)
             os.environ["RAY_num_workers_soft_limit"] = str(idle_workers)
+        if args.worker_niceness >= 0:   # read by the raylet at start (RayConfig worker_niceness)
+            os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
         ray.init(num_cpus=args.cpus, include_dashboard=False, _temp_dir=os.path.join(work, "ray"),
                  log_to_driver=False, configure_logging=False)
         from dvsa.ingest import build_dataset
@@ -276,14 +350,17 @@ def main() -> int:
         times: dict[str, list[float]] = {k: [] for k in arms}
         firsts: dict[str, list[float]] = {k: [] for k in arms}
         cpu_s: dict[str, list[float]] = {k: [] for k in arms}
+        split: dict[str, list[dict[str, float]]] = {k: [] for k in arms}
         for k, fn in arms.items():           # warm-up pass (worker start-up, page cache)
             assert fn()[0] == args.images, k
         for _ in range(args.reps):
             for k, fn in arms.items():
-                t, c = time.perf_counter(), tree_cpu_seconds()
+                t, c = time.perf_counter(), tree_cpu_by_process()
                 n, first = fn()
                 times[k].append(time.perf_counter() - t)
-                cpu_s[k].append(tree_cpu_seconds() - c)
+                by_role = cpu_split(c, tree_cpu_by_process())
+                split[k].append(by_role)
+                cpu_s[k].append(sum(by_role.values()))
                 firsts[k].append(first)
                 assert n == args.images, (k, n)
         ray.shutdown()
@@ -302,6 +379,8 @@ def main() -> int:
     rows_per_cpu_s = {k: args.images / statistics.median(v) for k, v in cpu_s.items()}
     same_cpu = {k: rows_per_cpu_s[k] / rows_per_cpu_s[ref] for k, ref in SAME_DECODE.items()
                 if k in rows_per_cpu_s and ref in rows_per_cpu_s}
+    roles = sorted({r for v in split.values() for d in v for r in d})
+    split_median = {k: {r: statistics.median([d.get(r, 0.0) for d in v]) for r in roles} for k, v in split.items()}
     print(f"\ningest: {args.images} images 640x480 -> {args.size}, {args.cpus} CPUs, batch {args.batch_size}, "
           f"median of {args.reps} interleaved passes")
     print(f"{'arm':<24}{'rows/s':>9}{'rows/s/CPU':>12}{'vs same decode':>22}{'vs full decode':>16}"
@@ -312,16 +391,23 @@ def main() -> int:
         c = f"{same_cpu[k]:.2f}x" if k in same_cpu else "-"
         print(f"{k:<24}{r:>9.1f}{per_cpu[k]:>12.1f}{a:>22}{b:>16}{first_s[k]:>13.2f}{steady[k]:>15.1f}"
               f"{rows_per_cpu_s[k]:>12.1f}{c:>13}")
+    print(f"\nCPU seconds per pass by process (medians): {', '.join(roles)}, total")
+    for k, d in split_median.items():
+        print(f"{k:<24}" + "".join(f"{d[r]:>10.2f}" for r in roles) + f"{sum(d.values()):>10.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = {"images": args.images, "image": "640x480 JPEG q90", "size": args.size, "cpus": args.cpus,
            "batch_size": args.batch_size, "reps": args.reps, "interleaved": True,
            "machine": f"{platform.machine()} {os.cpu_count()} cores (shared with other processes)",
-           "load_average": os.getloadavg(), "ray_idle_workers": idle_workers or "ray default",
+           "load_average_before": load_before, "load_average": os.getloadavg(),
+           "ray_idle_workers": idle_workers or "ray default",
+           "ray_worker_niceness": args.worker_niceness if args.worker_niceness >= 0 else "ray default",
+           "ray_decode_batch_size": decode_batch, "command": " ".join(["benchmarks/ingest.py"] + sys.argv[1:]),
            "seconds": times, "first_batch_s": firsts, "rows_per_s": rate, "rows_per_s_per_cpu": per_cpu,
            "steady_rows_per_s": steady, "first_batch_s_median": first_s,
            "same_decode_arm": {k: v for k, v in SAME_DECODE.items() if k in rate},
            "ratio_vs_dataloader_same_decode": same,
            "cpu_seconds": cpu_s, "rows_per_cpu_second": rows_per_cpu_s,
+           "cpu_seconds_by_process": split, "cpu_seconds_by_process_median": split_median,
            "ratio_vs_dataloader_same_decode_per_cpu_second": same_cpu,
            "ratio_vs_dataloader_full": {k: r / ref for k, r in rate.items()} if ref else None}
     (RESULTS / args.out).write_text(json.dumps(out, indent=1))

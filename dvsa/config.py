@@ -47,7 +47,9 @@ class DataConfig:
     batch_size: int = 32
     val_batch_size: int = 64
     decode_concurrency: int = 1     # Ray Data map_batches workers for JPEG decode
-    decode_batch_size: int = 32     # rows per decoded chunk = per Ray Data output block
+    # rows per decoded chunk = per Ray Data output block; a multiple of the train batch lets
+    # iter_batches slice batches out of blocks without copying (128: docs/ingest.md, "Parity")
+    decode_batch_size: int = 128
     prefetch_batches: int = 2
     max_val_images: int = 200       # cap on validation images (METEOR subset)
     features: Optional[str] = None  # precomputed frozen-CNN feature shards (dvsa features)
@@ -131,7 +133,11 @@ class TrainConfig:
     # then the job ends naming what is missing (0: wait forever, e.g. for a slow autoscaler)
     start_timeout_s: float = 600.0
     checkpoint_every: int = 1       # epochs between checkpoints
-    keep_checkpoints: int = 2       # best-k by the validation metric
+    keep_checkpoints: int = 2       # best-k by the validation metric (the k most recent with checkpoint_select=last)
+    # the run's model (registered, evaluated, loaded from a run dir): the best checkpoint by the
+    # validation metric, or the last one (a schedule that decays to 0, a validation set too small
+    # to rank epochs: docs/training.md, "Which checkpoint")
+    checkpoint_select: Literal["best", "last"] = "best"
     val_every: int = 1
     log_every: int = 10             # steps between train-loss reports
     seed: int = 0

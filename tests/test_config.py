@@ -133,7 +133,7 @@ def test_the_demo_presets_extend_demo_yaml():
     shared = load_config(CONFIGS / "demo.yaml").flat()
     for name, own in (("demo_align.yaml", {"task", "data.image_size", "align.whole_image", "train.lr",
                                            "train.grad_clip_mode", "train.epochs", "train.lr_schedule",
-                                           "model.box_geometry"}),
+                                           "model.box_geometry", "train.checkpoint_select"}),
                       ("demo_region.yaml", {"caption.mode", "train.epochs"}),
                       ("demo_fullframe.yaml", {"caption.mode"})):
         flat = load_config(CONFIGS / name).flat()

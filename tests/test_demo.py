@@ -73,7 +73,8 @@ def test_demo_trains_exactly_the_shipped_presets():
     assert cfgs["region"].caption.mode == "region" and cfgs["fullframe"].caption.mode == "fullframe"
     # what makes the alignment model work is in its preset, not in dvsa.demo
     align = cfgs["align"]
-    assert (align.data.image_size, align.align.whole_image, align.train.grad_clip_mode) == (64, False, "norm")
+    assert (align.data.image_size, align.align.whole_image, align.train.grad_clip_mode) == (80, False, "norm")
+    assert align.train.checkpoint_select == "last"
     assert cfgs["region"].train.epochs == 16
     user = demo_configs(DemoOptions(out=Path("/tmp/d"), overrides=["train.lr=0.01", "data.image_size=32"]))
     assert all(c.train.lr == 0.01 and c.data.image_size == 32 for c in user.values())
@@ -87,3 +88,27 @@ def test_demo_refuses_an_unknown_model_preset(tmp_path):
         demo_configs(DemoOptions(out=tmp_path, presets={"regoin": tmp_path / "x.yaml"}))
     with pytest.raises(DvsaError, match="demo preset for the align model not found"):
         demo_configs(DemoOptions(out=tmp_path, presets={"align": tmp_path / "x.yaml"}))
+
+
+def test_demo_checks_name_the_targets_and_count_silent_words():
+    """The check lines: the issue's targets in their text, the measured figure beside them, and
+    a few object words without evidence counted (a rounded 0.0% would hide them) and missed."""
+    from dvsa.demo import DemoResult, _checks
+
+    words = 4702.0
+    align = {"align/word_acc_mrf": 0.952, "align/word_acc_argmax": 0.934, "align/word_acc_chance": 0.345,
+             "align/word_no_evidence": 2 / words, "align/word_acc_words": words,
+             "retrieval/images": 120.0, "retrieval/i2t_r1": 94.2, "retrieval/t2i_r1": 69.9}
+    res = DemoResult(metrics={"region": {"region/METEOR": 0.46, "region/attr_acc": 0.99},
+                              "fullframe": {"region/METEOR": 0.18}, "align": align})
+    _checks(res)
+    by_claim = {claim.split(" (")[0].split(",")[0]: (measured, ok) for claim, measured, ok in res.checks}
+    assert [ok for _, _, ok in res.checks] == [True, True, False, True, False]
+    grounding = by_claim["word-to-region accuracy after the MRF >= 0.93"][0]
+    assert "2 of 4702 object words (0.04%) carry no evidence" in grounding
+    assert by_claim["image annotation R@1 >= 90%"] == ("94.2% (chance 0.8%)", True)
+    assert by_claim["image search R@1 >= 70%"] == ("69.9% (chance 0.8%)", False)
+    align["align/word_no_evidence"] = 0.0
+    res = DemoResult(metrics={**res.metrics, "align": align})
+    _checks(res)
+    assert res.checks[2][2] and "0 of 4702 object words" in res.checks[2][1]

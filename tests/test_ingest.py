@@ -167,6 +167,37 @@ def test_chunked_builder_yields_chunks_like_the_batch_builder():
         ChunkedBatchBuilder(spec, VOCAB, chunk=0)
 
 
+def test_read_tasks_decode_chunks_across_shard_boundaries():
+    # a read task's raw blocks of 3, 5 and 2 samples (three shards), a broken shard's marker
+    # between the second and the third: chunks of exactly 4 built rows in read order (a shard's
+    # last rows start the next chunk), the task's rest last; the marker counted, not a row
+    import pandas as pd
+
+    from dvsa.ingest.samples import ERROR_COLUMN, LOST_COLUMN, TRUNCATED_SHARD
+    from dvsa.ingest.shard_source import decoded_blocks, marker
+
+    spec = IngestSpec(layout="caption_region", image_size=S, rows=2, max_len=5, randomize=False)
+    good = _jpeg(200, 100)
+    samples = [(f"k{i}", good[:50] if i == 6 else good, _meta(i, 200, 100)) for i in range(10)]
+
+    def frame(part):
+        return pd.DataFrame({k: list(v) for k, v in _raw_batch(part).items()})
+
+    broken = pd.DataFrame.from_records([marker("train-000002.tar", "ReadError: cut", 3)])
+    counter = _ListCounter()
+    blocks = list(decoded_blocks([frame(samples[:3]), frame(samples[3:8]), broken, frame(samples[8:])],
+                                 BatchBuilder(spec, VOCAB, counter), chunk=4))
+    assert [b["image_id"].tolist() for b in blocks] == [[0, 1, 2, 3], [4, 5, 7], [8, 9]]
+    whole = BatchBuilder(spec, VOCAB)(_raw_batch(samples))
+    for k, v in whole.items():
+        np.testing.assert_array_equal(np.concatenate([b[k] for b in blocks]), v)
+    assert counter.counts == {"corrupt_image": 1, TRUNCATED_SHARD: 3}
+    assert ERROR_COLUMN in broken and LOST_COLUMN in broken
+    # nothing decodable: one empty batch with the full schema
+    empty = list(decoded_blocks([frame(samples[6:7])], BatchBuilder(spec, VOCAB), chunk=4))
+    assert len(empty) == 1 and set(empty[0]) == set(whole) and empty[0]["images"].shape == (0, 3, S, S)
+
+
 def test_row_bytes_matches_a_built_row():
     for task, rows in (("caption_region", 2), ("align", 3)):
         spec = IngestSpec(layout=task, image_size=S, rows=rows, max_len=5, randomize=False)
@@ -201,13 +232,18 @@ def _plan_and_blocks(ds):
 
 @pytest.mark.parametrize("pool", ["tasks", "actors"])
 def test_read_and_decode_fuse_into_one_task_streaming_chunks(ray_local, shards, pool):
-    # 12 train shards >= 2 decode slots: one fused read+decode operator, blocks of at most
+    # 12 train shards >= 2 decode slots: one operator that reads and decodes (tasks: the read
+    # tasks decode; actors: Read fused into the actors' MapBatches), blocks of at most
     # data.decode_batch_size (4) rows, every row there
     cfg = _cfg(**{"data.decode_concurrency": 2, "data.decode_pool": pool})
     ds = build_dataset(shards, "train", "caption", cfg, VOCAB, seed=3)
     ops, sizes = _plan_and_blocks(ds)
-    assert len(ops) == 1 and "ReadShard->MapBatches(ChunkedBatchBuilder)" in ops[0], ops
+    fused = "ReadShardDecode" if pool == "tasks" else "ReadShard->MapBatches(ChunkedBatchBuilder)"
+    assert len(ops) == 1 and fused in ops[0], ops
     assert sum(sizes) == 22 and max(sizes) <= 4
+    if pool == "tasks":   # chunks span shards (12 shards of 2): short blocks only at the end of each
+        # of the 2 read tasks and where one of the 2 skipped samples was
+        assert sum(size < 4 for size in sizes) <= 2 + 2, sizes
     # one val shard < 2 slots: tasks split the read into blocks decoded by separate map tasks;
     # actors still fuse (2 actors on 2 CPUs would starve separate read tasks); in order
     ds = build_dataset(shards, "val", "caption", cfg, VOCAB, seed=0)

@@ -104,3 +104,15 @@ def test_boxes_land_on_the_pixels_they_name():
         img, _ = decode_resize(jpg, 60, decoder)
         assert img[:, 14:46, 32:52].min() > 200, decoder           # inside, a pixel from the edge
         assert img[:, :, :28].max() < 40 and img[:, :10].max() < 40 and img[:, 50:].max() < 40, decoder
+
+
+def test_decode_into_a_given_row_gives_the_same_pixels():
+    """``out=`` (the batch builder decodes into its batch's rows): the same image, written there."""
+    jpg = _encode(_smooth_image(120, 80))
+    batch = np.zeros((2, 3, 32, 32), dtype=np.uint8)
+    for decoder in DECODERS:
+        img, size = decode_resize(jpg, 32, decoder)
+        into, size2 = decode_resize(jpg, 32, decoder, out=batch[1])
+        assert into is batch[1] or np.shares_memory(into, batch), decoder
+        np.testing.assert_array_equal(batch[1], img)
+        assert size == size2 == (120, 80) and not batch[0].any()

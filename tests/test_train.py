@@ -23,8 +23,8 @@ from run_checks import (
 
 from dvsa.config import ConfigError, load_config
 from dvsa.errors import DataError, DvsaError
-from dvsa.inference.checkpoints import best_checkpoint_dir, load_trained
-from dvsa.models.checkpoint import STATE_FILE, load_state, save_checkpoint
+from dvsa.inference.checkpoints import best_checkpoint_dir, load_trained, resolve_checkpoint
+from dvsa.models.checkpoint import STATE_FILE, load_state, save_checkpoint, score_metric
 from dvsa.models.optim import build_optimizer
 from dvsa.train import common
 from dvsa.train.loop import cap_images
@@ -92,6 +92,14 @@ def test_checkpoint_roundtrip_without_pickle(shards, tmp_path):
                     metrics={"val/METEOR": 0.1})
     assert best_checkpoint_dir(tmp_path, "val/METEOR", "max").name == "checkpoint_a"
     assert best_checkpoint_dir(tmp_path).name == "checkpoint_b"
+    # ... unless the run's config selects its last checkpoint (train.checkpoint_select=last)
+    assert resolve_checkpoint(str(tmp_path)).name == "checkpoint_a"
+    last = cfg.replace(**{"train.checkpoint_select": "last"})
+    for name, step, meteor in (("checkpoint_a", 7, 0.25), ("checkpoint_b", 9, 0.1)):
+        save_checkpoint(tmp_path / "last" / name, model=model, step=step, epoch=step // 3, vocab=vocab, cfg=last,
+                        metrics={"val/METEOR": meteor, "step": step})
+    assert score_metric(last) == ("step", "max")
+    assert resolve_checkpoint(str(tmp_path / "last")).name == "checkpoint_b"
     with pytest.raises(DvsaError, match="no such checkpoint"):
         load_trained(str(tmp_path / "missing"))
 
@@ -191,6 +199,8 @@ def _check_run(job: Job) -> int:
     assert (latest["step"], latest["epoch"]) == (steps, t.epochs)
     assert run.data.tags["dvsa.checkpoint"] == ref["best"] and best["metrics"] == ref["best_metrics"]
     assert best["epoch"] in checkpoint_epochs(t.epochs, t.checkpoint_every)
+    if t.checkpoint_select == "last":    # the run's model is the last checkpoint, not the best by val
+        assert ref["best"] == ref["latest"] and ref["metric"] == "step"
     assert {k: m[f"best/{k}"] for k in best["metrics"] if k.startswith("val/")} == \
         {k: v for k, v in best["metrics"].items() if k.startswith("val/")}
     kept = min(len(checkpoint_epochs(t.epochs, t.checkpoint_every)), t.keep_checkpoints)

@@ -1,9 +1,9 @@
 """Ray Data ingest: WebDataset shards -> fixed-shape numpy batches for the train loops.
 
-``read_webdataset(decoder=None)`` (raw bytes only; Ray's default decoder would pickle the json)
--> ``map_batches(ChunkedBatchBuilder)`` (fused with the read: one task per group of shards)
-that decodes each JPEG at reduced size, resizes it to
-``data.image_size``, maps boxes into the resized frame, picks captions and encodes them with
+``ShardDatasource`` (read_webdataset's raw rows, ``decoder=None``: Ray's default decoder would
+pickle the json) whose read tasks decode their shards in chunks (task pool; an actor pool gets
+``map_batches(ChunkedBatchBuilder)`` fused with the read). The builder decodes each JPEG at
+reduced size, resizes it to ``data.image_size``, maps boxes into the resized frame, picks captions and encodes them with
 the stored vocabulary -> fixed-shape columns (see docs/architecture.md, "Batches from ingest
 to the train loops", and docs/ingest.md).
 

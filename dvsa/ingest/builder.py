@@ -113,7 +113,12 @@ class BatchBuilder:
         rows, skipped, examples = [], Counter(), {}
         pass_idx = _pass_index() if spec.randomize else 0
         errors, lost = batch.get(ERROR_COLUMN), batch.get(LOST_COLUMN)
-        for i in range(len(batch["__key__"])):
+        n = len(batch["__key__"])
+        # decoded images go straight into the batch's array (row k for the k-th kept sample; a
+        # skipped sample's row is overwritten by the next one): no np.stack copy of the images
+        images = (np.empty((n, 3, spec.image_size, spec.image_size), np.uint8)
+                  if n and not spec.features and spec.decoder != "gpu" else None)
+        for i in range(n):
             if errors is not None and isinstance(errors[i], str):     # a broken shard's marker row
                 where = str(urls[i]) if urls is not None else "a shard"
                 n_lost = int(lost[i]) if lost is not None else 1
@@ -123,7 +128,7 @@ class BatchBuilder:
                 continue
             sample = parse_row(batch, i, payload)
             try:
-                rows.append(self._checked_row(sample, pass_idx))
+                rows.append(self._checked_row(sample, pass_idx, None if images is None else images[len(rows)]))
             except Skip as s:
                 skipped[s.reason] += 1
                 where = f"{sample.key} ({urls[i]})" if urls is not None else sample.key
@@ -131,20 +136,21 @@ class BatchBuilder:
                 log.warning("ingest: skipped sample %s: %s", where, s)
         if skipped and self.counter is not None:
             self.counter.add(skipped, examples)
-        return self._stack(rows)
+        return self._stack(rows, None if images is None else images[:len(rows)])
 
     # ----------------------------------------------------------------- per sample
-    def _checked_row(self, sample: RawSample, pass_idx: int) -> dict:
+    def _checked_row(self, sample: RawSample, pass_idx: int, image_out: Optional[np.ndarray] = None) -> dict:
         """:meth:`_row`, with a json whose fields have the wrong types or are missing (a
         hand-edited or foreign shard) skipped as :data:`BAD_FIELDS` instead of failing the task."""
         try:
-            return self._row(sample, pass_idx)
+            return self._row(sample, pass_idx, image_out)
         except Skip:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise Skip(BAD_FIELDS, f"{type(e).__name__}: {e}") from None
 
-    def _row(self, sample: RawSample, pass_idx: int) -> dict:
+    def _row(self, sample: RawSample, pass_idx: int, image_out: Optional[np.ndarray] = None) -> dict:
+        """One sample's arrays; ``image_out``: where the decoded image goes (a row of the batch)."""
         spec = self.spec
         key, payload, meta = sample.key, sample.data, sample.meta
         if not payload:
@@ -174,7 +180,7 @@ class BatchBuilder:
             row["jpeg"] = payload
         else:
             try:
-                row["images"], (width, height) = decode_resize(payload, spec.image_size, spec.decoder)
+                row["images"], (width, height) = decode_resize(payload, spec.image_size, spec.decoder, out=image_out)
             except CorruptImage as e:
                 raise Skip("corrupt_image", str(e)) from None
         row.update(self._boxes(meta, sel, width, height))
@@ -200,9 +206,11 @@ class BatchBuilder:
         return {"inputs": inputs, "targets": targets}
 
     # ----------------------------------------------------------------- stacking
-    def _stack(self, rows: list[dict]) -> dict:
+    def _stack(self, rows: list[dict], images: Optional[np.ndarray] = None) -> dict:
+        """The rows as columns; ``images``: the batch's image array the rows were decoded into."""
         if rows:
-            return {k: _bytes_column([r[k] for r in rows]) if k == "jpeg" else np.stack([r[k] for r in rows])
+            return {k: images if k == "images" and images is not None
+                    else _bytes_column([r[k] for r in rows]) if k == "jpeg" else np.stack([r[k] for r in rows])
                     for k in rows[0]}
         return self.empty()
 

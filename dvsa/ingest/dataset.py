@@ -19,15 +19,15 @@ from dvsa.config import Config
 from dvsa.data.manifest import FeatureManifest, Manifest
 from dvsa.data.shards import list_shards
 from dvsa.errors import DataError
-from dvsa.ingest.builder import ChunkedBatchBuilder, IngestSpec
+from dvsa.ingest.builder import BatchBuilder, ChunkedBatchBuilder, IngestSpec
 from dvsa.ingest.counter import SkipCounter
 from dvsa.ingest.samples import LAYOUTS
 from dvsa.text import Vocab
 
-# Fused read+decode tasks per decode slot (data.decode_concurrency): enough for the slots to
-# balance at the end of a pass, few enough that tiny shards do not pay a task start each
-# (measured in docs/ingest.md, "Throughput").
-READ_TASKS_PER_SLOT = 2
+# Read+decode tasks per decode slot (data.decode_concurrency): each task streams its share of
+# the shards; one per slot measured cheaper per row and no slower than two (fewer task starts,
+# fewer short blocks at task ends; docs/ingest.md, "Parity with the same decode").
+READ_TASKS_PER_SLOT = 1
 
 
 def resolve_layout(layout: str, cfg: Config) -> str:
@@ -121,38 +121,41 @@ def build_dataset(shards_root_or_url: str, split: str, layout: str, cfg: Config,
     n = cfg.data.decode_concurrency
     chunk = cfg.data.decode_batch_size
     actors = cfg.data.decode_pool == "actors"
-    # Read and decode in one task (see docs/ingest.md "Throughput"): Ray Data fuses
-    # Read -> MapBatches only when the read is not split into more blocks than files
-    # (override_num_blocks <= shards; Ray's default asks for 200 and splits each file's
-    # output), the map takes whole read blocks (batch_size=None; a batch_size adds a min-rows
-    # bundling that blocks the fusion) and both ask for the same task pool (read concurrency
-    # = map concurrency). Fused, a raw sample never crosses the object store and a shard costs
-    # one task, not two per block; READ_TASKS_PER_SLOT tasks per slot, each streaming whole
-    # shards, cut the per-task start cost further. With fewer shards than decode tasks a fused
-    # pass could not use every slot: the read is then split into blocks decoded by separate
-    # map tasks, as before. An actor pool always fuses (the actors read too): unfused, actors
-    # holding every CPU would starve the read tasks.
+    # Read and decode in one task (see docs/ingest.md "Throughput" and "Parity"). Task pool:
+    # the read tasks decode (ShardDatasource with a builder), each turning the samples of its
+    # shards into blocks of exactly `chunk` rows (a shard's last rows carried into the next
+    # shard's first chunk): a raw sample never crosses the object store, a shard costs no task
+    # of its own, and with a chunk that is a multiple of the train batch size iter_batches
+    # hands batches on as zero-copy slices instead of concatenating two blocks' pieces per
+    # batch (a copy of every image in the train worker). READ_TASKS_PER_SLOT tasks per slot,
+    # each streaming whole shards, cut the per-task start cost. With fewer shards than decode
+    # slots such a read could not use every slot: the read is then split into raw blocks
+    # decoded by separate map tasks. An actor pool reads in the actors: Ray Data fuses
+    # Read -> MapBatches when the read is not split into more blocks than files
+    # (override_num_blocks <= shards) and the map takes whole read blocks (batch_size=None);
+    # unfused, actors holding every CPU would starve separate read tasks.
     fuse = actors or len(paths) >= n
+    decode_in_read = fuse and not actors
     read_kw = {"override_num_blocks": min(len(paths), READ_TASKS_PER_SLOT * n)} if fuse else {}
-    if fuse and not actors:
+    if decode_in_read:
         read_kw["concurrency"] = n
     # read_webdataset's reader, but a truncated shard becomes a counted, named skip (shard_source)
     source = ShardDatasource(paths, suffixes, expected=expected_samples(root, split, bool(features)),
-                             shuffle=file_shuffle)
+                             shuffle=file_shuffle, chunk=chunk,
+                             builder=BatchBuilder(spec, vocab, counter) if decode_in_read else None)
     ds = ray.data.read_datasource(source, **read_kw)
     if preserve_order or not shuffle:
         ds.context.execution_options.preserve_order = True
     # One output block per decoded chunk (a chunk is ~1.33x this target: emitted as it is,
-    # neither merged with the next nor sliced), so a fused task streams its shard out in
+    # neither merged with the next nor sliced), so a task streams its shards out in
     # chunk-row blocks: the first batch waits for one chunk, not for a whole shard.
     ds.context.target_max_block_size = max(1, int(0.75 * chunk * spec.row_bytes))
-    batch_size = None if fuse else chunk
     if actors:
         ds = ds.map_batches(ChunkedBatchBuilder, fn_constructor_args=(spec, vocab, counter, chunk),
-                            batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
+                            batch_size=None, batch_format="numpy", zero_copy_batch=True,
                             compute=ray.data.ActorPoolStrategy(size=n))
-    else:
-        ds = ds.map_batches(ChunkedBatchBuilder(spec, vocab, counter, chunk), batch_size=batch_size,
+    elif not decode_in_read:
+        ds = ds.map_batches(ChunkedBatchBuilder(spec, vocab, counter, chunk), batch_size=chunk,
                             batch_format="numpy", zero_copy_batch=True,
                             compute=ray.data.TaskPoolStrategy(size=n))
     ds.dvsa_skips = counter

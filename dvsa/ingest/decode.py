@@ -36,14 +36,21 @@ class CorruptImage(ValueError):
     """The JPEG bytes could not be decoded (truncated, corrupt, empty, not an image)."""
 
 
-def decode_resize(jpg: bytes, size: int, decoder: JpegDecoder = "pil") -> tuple[np.ndarray, tuple[int, int]]:
-    """``(uint8[3, size, size], (width, height) of the stored image)``; raises CorruptImage."""
+def decode_resize(jpg: bytes, size: int, decoder: JpegDecoder = "pil",
+                  out: "np.ndarray | None" = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(uint8[3, size, size], (width, height) of the stored image)``; raises CorruptImage.
+    ``out``: a C-contiguous uint8 ``[3, size, size]`` array (e.g. a row of a batch) that receives
+    the image and is returned, instead of a new array (the same pixels, one copy fewer)."""
     if not jpg:
         raise CorruptImage("empty image bytes")
     if decoder == "pil":
-        return _decode_pil(jpg, size)
+        return _decode_pil(jpg, size, out)
     if decoder in ("torchvision", "gpu"):
-        return _decode_torchvision(jpg, size)
+        img, wh = _decode_torchvision(jpg, size)
+        if out is not None:
+            out[...] = img
+            img = out
+        return img, wh
     raise ValueError(f"unknown JPEG decoder {decoder!r} (allowed: 'pil', 'torchvision', 'gpu')")
 
 
@@ -98,7 +105,7 @@ def _decode_or_none(data: "torch.Tensor", device) -> "torch.Tensor | None":
         return None
 
 
-def _decode_pil(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode_pil(jpg: bytes, size: int, out: "np.ndarray | None" = None) -> tuple[np.ndarray, tuple[int, int]]:
     from PIL import Image
 
     try:
@@ -113,7 +120,10 @@ def _decode_pil(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     hwc = np.asarray(rgb, dtype=np.uint8)            # [S, S, 3]
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1)), (width, height)
+    if out is None:
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1)), (width, height)
+    out[...] = hwc.transpose(2, 0, 1)
+    return out, (width, height)
 
 
 def _decode_torchvision(jpg: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:

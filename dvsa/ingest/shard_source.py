@@ -14,6 +14,13 @@ on, and ``data.max_skip_fraction`` decides whether the job may.
 
 Blocks are pandas frames of up to :data:`ROWS_PER_BLOCK` samples, raw member bytes per column
 (as ``read_webdataset(decoder=None)`` gives them); a marker row is a block of its own.
+
+Given a ``builder`` (a :class:`dvsa.ingest.builder.BatchBuilder`), the datasource decodes in its
+read tasks instead (:func:`decoded_blocks`): each read task turns the samples of all its shards,
+in read order, into blocks of exactly ``chunk`` decoded rows (fewer only where samples were
+skipped, and for the task's last block), carrying a shard's last rows over into the next
+shard's first chunk. Blocks of the train loop's batch size reach the consumer whole, so
+``iter_batches`` hands them on without concatenating (copying) pieces of two blocks per batch.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import re
 import tarfile
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
-from ray.data.datasource import FileBasedDatasource
+import numpy as np
+from ray.data.datasource import FileBasedDatasource, ReadTask
 
 from dvsa.ingest.samples import ERROR_COLUMN, LOST_COLUMN
 
@@ -45,13 +53,104 @@ class ShardDatasource(FileBasedDatasource):
     _FILE_EXTENSIONS = ["tar"]
 
     def __init__(self, paths: Sequence[str], suffixes: Sequence[str],
-                 expected: Optional[Mapping[str, int]] = None, **file_based_kwargs):
+                 expected: Optional[Mapping[str, int]] = None, builder=None, chunk: int = 32,
+                 **file_based_kwargs):
         super().__init__(list(paths), **file_based_kwargs)
         self.suffixes = set(suffixes)
         self.expected = dict(expected or {})
+        self.builder = builder
+        self.chunk = int(chunk)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+
+    def get_name(self) -> str:
+        """``ReadShard``, or ``ReadShardDecode`` when the read tasks decode (the operator's name)."""
+        return "ShardDecode" if self.builder is not None else "Shard"
 
     def _read_stream(self, stream, path: str) -> Iterator:
         return read_shard(stream, path, self.suffixes, self.expected.get(posixpath.basename(path)))
+
+    def get_read_tasks(self, parallelism: int, *args, **kwargs) -> list:
+        """The file-based read tasks (shard order, shuffle and grouping as FileBasedDatasource
+        makes them); with a ``builder``, each one decodes its raw blocks (:func:`decoded_blocks`)."""
+        tasks = super().get_read_tasks(parallelism, *args, **kwargs)
+        if self.builder is None:
+            return tasks
+        return [ReadTask(_DecodingRead(t.read_fn, self.builder, self.chunk), t.metadata,
+                         schema=t.schema, per_task_row_limit=t.per_task_row_limit) for t in tasks]
+
+
+class _DecodingRead:
+    """A read task's function: its raw blocks, decoded (:func:`decoded_blocks`)."""
+
+    def __init__(self, read_fn, builder, chunk: int):
+        self.read_fn, self.builder, self.chunk = read_fn, builder, chunk
+
+    def __call__(self) -> Iterator:
+        from ray.data.block import BlockAccessor
+
+        for batch in decoded_blocks(self.read_fn(), self.builder, self.chunk):
+            yield BlockAccessor.batch_to_block(batch)
+
+
+def decoded_blocks(raw_blocks: Iterable, builder, chunk: int) -> Iterator[dict]:
+    """Raw sample blocks (pandas frames, as :func:`read_shard` yields them, shard after shard)
+    -> numpy batches built by ``builder`` from ``chunk`` samples at a time, in order: a block's
+    rows left over after its last full chunk start the next block's first one. Marker rows go
+    through the builder like samples (it counts them). One empty batch if nothing is left."""
+    pending: list[dict] = []
+    have, yielded = 0, False
+    for frame in raw_blocks:
+        n = len(frame)
+        if not n:
+            continue
+        pending.append({k: frame[k].to_numpy() for k in frame.columns})
+        have += n
+        while have >= chunk:
+            batch, pending = _take(pending, chunk)
+            have -= chunk
+            out = builder(batch)
+            if len(out["image_id"]):
+                yielded = True
+                yield out
+    if have:
+        out = builder(_take(pending, have)[0])
+        if len(out["image_id"]):
+            yielded = True
+            yield out
+    if not yielded:                  # every row skipped: one empty batch keeps the schema
+        yield builder.empty()
+
+
+def _take(pieces: list[dict], rows: int) -> tuple[dict, list[dict]]:
+    """The first ``rows`` rows of a list of column dicts (columns missing from a piece are
+    None there) and the rest. Object columns: only the references are copied."""
+    taken, rest, need = [], [], rows
+    for piece in pieces:
+        n = len(piece["__key__"])
+        if need >= n:
+            taken.append(piece)
+            need -= n
+        elif need > 0:
+            taken.append({k: v[:need] for k, v in piece.items()})
+            rest.append({k: v[need:] for k, v in piece.items()})
+            need = 0
+        else:
+            rest.append(piece)
+    if len(taken) == 1:
+        return taken[0], rest
+    columns = list(dict.fromkeys(k for piece in taken for k in piece))
+    batch = {}
+    for k in columns:
+        parts = []
+        for piece in taken:
+            if k in piece:
+                parts.append(piece[k])
+            else:
+                parts.append(np.full(len(piece["__key__"]), None, dtype=object))
+        batch[k] = np.concatenate(parts) if len({p.dtype for p in parts}) == 1 else \
+            np.concatenate([p.astype(object) for p in parts])
+    return batch, rest
 
 
 def read_shard(stream, path: str, suffixes: Iterable[str], expected: Optional[int] = None) -> Iterator:

@@ -35,7 +35,10 @@ META_FILE = "checkpoint.json"   # step, epoch, metrics in plain JSON (for humans
 
 
 def score_metric(cfg: Config) -> tuple[str, str]:
-    """(metric, "max"|"min") that ranks a run's checkpoints (best-k keeping, "best" loading)."""
+    """(metric, "max"|"min") that ranks a run's checkpoints (best-k keeping, "best" loading):
+    the validation metric, or ``step`` (the most recent first) with ``train.checkpoint_select=last``."""
+    if cfg.train.checkpoint_select == "last":
+        return "step", "max"
     if cfg.task == "align":
         return "val/rsum", "max"
     return "val/METEOR", "max"
