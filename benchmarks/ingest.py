@@ -161,7 +161,9 @@ def process_role(pid: int, root: int, root_cmdline: str) -> str:
 
 def tree_cpu_by_process(root: int | None = None) -> dict[int, tuple[str, float]]:
     """``{pid: (role, CPU seconds so far)}`` of this process and all its descendants
-    (:func:`process_role`); an exited process counts through its parent's reaped-children time."""
+    (:func:`process_role`; DataLoader workers, and Ray's GCS, raylet and workers, which
+    ``ray.init`` starts below this process). Robust to other load on the host, unlike wall
+    time; an exited process counts through its parent's reaped-children time."""
     root = os.getpid() if root is None else root
     stats = {int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := _proc_stat(p)) is not None}
     children: dict[int, list[int]] = {}
@@ -183,24 +185,6 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     for pid, (role, cpu) in after.items():
         out[role] = out.get(role, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
     return out
-
-
-def tree_cpu_seconds(root: int | None = None) -> float:
-    """CPU seconds used so far by this process and all its descendants (DataLoader workers; Ray's
-    GCS, raylet and its workers, which ``ray.init`` starts below this process). Robust to other
-    load on the host, unlike wall time. A descendant that exits counts through its parent's
-    reaped-children time."""
-    root = os.getpid() if root is None else root
-    stats = {int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := _proc_stat(p)) is not None}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += stats[pid][1] if pid in stats else 0.0
-        todo.extend(children.get(pid, []))
-    return total
 
 
 # --------------------------------------------------------------------------- the DataLoader arm

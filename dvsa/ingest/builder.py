@@ -208,11 +208,17 @@ class BatchBuilder:
     # ----------------------------------------------------------------- stacking
     def _stack(self, rows: list[dict], images: Optional[np.ndarray] = None) -> dict:
         """The rows as columns; ``images``: the batch's image array the rows were decoded into."""
-        if rows:
-            return {k: images if k == "images" and images is not None
-                    else _bytes_column([r[k] for r in rows]) if k == "jpeg" else np.stack([r[k] for r in rows])
-                    for k in rows[0]}
-        return self.empty()
+        if not rows:
+            return self.empty()
+        columns = {}
+        for k in rows[0]:
+            if k == "images" and images is not None:
+                columns[k] = images                  # decoded in place: no stacking copy
+            elif k == "jpeg":
+                columns[k] = _bytes_column([r[k] for r in rows])
+            else:
+                columns[k] = np.stack([r[k] for r in rows])
+        return columns
 
     def empty(self) -> dict:
         """The output columns with zero rows (every sample of the batch was skipped)."""

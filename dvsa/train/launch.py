@@ -287,7 +287,7 @@ def _log_outcome(cfg: Config, logger, outcome: TrainOutcome, result, root: str) 
     model_line = _log_model(cfg, logger, outcome)
     shown = " ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if k.startswith("val/"))
     print(f"[{outcome.name}] done: step {outcome.step}, epoch {outcome.epoch}; {shown}\n"
-          f"  {'last' if cfg.train.checkpoint_select == 'last' else 'best'} checkpoint: {outcome.checkpoint}\n"
+          f"  {cfg.train.checkpoint_select} checkpoint: {outcome.checkpoint}\n"
           f"  MLflow run {outcome.run_id} ({outcome.tracking_uri})" + (f"\n  {model_line}" if model_line else ""),
           flush=True)
 
