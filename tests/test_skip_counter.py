@@ -30,3 +30,17 @@ def test_counts_from_every_handle_add_up(ray_local, caplog):
     with caplog.at_level(logging.WARNING, logger="dvsa.ingest.counter"):
         assert counter.log("val") == counter.counts()
     assert "val: skipped 8 samples: bad_json=1, corrupt_image=3, no_sentence=4" in caplog.text
+
+
+def test_scoped_handles_share_one_actor_and_count_apart(ray_local):
+    """A training job's train and val splits: one actor, two counts (the job's skip lines and the
+    per-split abort threshold read each split alone)."""
+    from dvsa.ingest.counter import SkipCounter
+
+    job = SkipCounter()
+    train, val = job.scoped("train"), job.scoped("val")
+    train.add({"corrupt_image": 2}, {"corrupt_image": "k1: truncated"})
+    pickle.loads(pickle.dumps(val)).add({"corrupt_image": 1, "no_sentence": 1}, {"corrupt_image": "k7: bad"})
+    assert train.counts() == {"corrupt_image": 2} and train.examples() == {"corrupt_image": "k1: truncated"}
+    assert val.counts() == {"corrupt_image": 1, "no_sentence": 1} and val.examples()["corrupt_image"] == "k7: bad"
+    assert job.counts() == {} and train._actor is val._actor is job._actor

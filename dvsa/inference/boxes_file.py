@@ -122,8 +122,9 @@ def read_boxes_file(path: str, box_format: BoxFormat = "xyxy") -> BoxesFile:
     if isinstance(spec, dict) and isinstance(spec.get("results"), list) and _looks_like_densecap(spec["results"]):
         return _densecap_results(path, spec["results"])
     if isinstance(spec, dict):
+        # a key is a JSON object key (a string): an image's path, shown whole, so it can be found
         return BoxesFile(path, "keyed", by_key={
-            str(key): _box_list(boxes, f"{path}: {_short(key)}", box_format) for key, boxes in spec.items()})
+            str(key): _box_list(boxes, f"{path}: {str(key)!r}", box_format) for key, boxes in spec.items()})
     raise DataError(f"{path}: expected a list of boxes, an object keyed by image, COCO detection results "
                     f"or densecap's results.json, got {type(spec).__name__}")
 

@@ -5,7 +5,9 @@ that does not parse) is dropped from the batch and counted here, never silently 
 counts live in one small Ray actor owned by the process that built the dataset (the job
 driver), on that process's node; workers add to it (waiting for the ack, so a delivered batch's skips are counted), the
 driver reads it (``counts()``) after an epoch and logs it. Counts are cumulative over every
-pass over the data: a corrupt image is counted once per epoch.
+pass over the data: a corrupt image is counted once per epoch. A training job's splits share
+one actor, each counting under its own scope (:meth:`SkipCounter.scoped`): one process fewer
+per job to start.
 """
 
 from __future__ import annotations
@@ -18,20 +20,23 @@ log = logging.getLogger(__name__)
 
 
 class _SkipCounts:
+    """``{scope: {reason: n}}`` and the first example per scope and reason."""
+
     def __init__(self):
-        self._counts: Counter = Counter()
-        self._examples: dict[str, str] = {}
+        self._counts: dict[str, Counter] = {}
+        self._examples: dict[str, dict[str, str]] = {}
 
-    def add(self, counts: Mapping[str, int], examples: Mapping[str, str]) -> None:
-        self._counts.update(counts)
+    def add(self, scope: str, counts: Mapping[str, int], examples: Mapping[str, str]) -> None:
+        self._counts.setdefault(scope, Counter()).update(counts)
+        seen = self._examples.setdefault(scope, {})
         for reason, example in examples.items():
-            self._examples.setdefault(reason, example)
+            seen.setdefault(reason, example)
 
-    def counts(self) -> dict[str, int]:
-        return dict(self._counts)
+    def counts(self, scope: str) -> dict[str, int]:
+        return dict(self._counts.get(scope, {}))
 
-    def examples(self) -> dict[str, str]:
-        return dict(self._examples)
+    def examples(self, scope: str) -> dict[str, str]:
+        return dict(self._examples.get(scope, {}))
 
 
 _ACTOR_CLASS = None
@@ -61,10 +66,18 @@ def _on_this_node():
 
 
 class SkipCounter:
-    """A handle to the counting actor; picklable, so ``map_batches`` workers can hold it."""
+    """A handle to the counting actor; picklable, so ``map_batches`` workers can hold it.
 
-    def __init__(self, actor=None):
+    ``SkipCounter()`` starts an actor; ``counter.scoped("val")`` is a handle to the same actor
+    that counts apart (a job's train and val splits)."""
+
+    def __init__(self, actor=None, scope: str = ""):
         self._actor = actor if actor is not None else _on_this_node()
+        self._scope = scope
+
+    def scoped(self, scope: str) -> "SkipCounter":
+        """A handle on the same actor whose counts are kept apart under ``scope``."""
+        return SkipCounter(self._actor, scope)
 
     def add(self, counts: Mapping[str, int], examples: Mapping[str, str] | None = None) -> None:
         """Add ``{reason: n}``; ``examples``: ``{reason: "key: detail"}``. Waits for the actor
@@ -73,19 +86,19 @@ class SkipCounter:
         if counts:
             import ray
 
-            ray.get(self._actor.add.remote(counts, dict(examples or {})))
+            ray.get(self._actor.add.remote(self._scope, counts, dict(examples or {})))
 
     def counts(self) -> dict[str, int]:
         """``{reason: n}`` so far (e.g. ``{"corrupt_image": 1, "no_region_caption": 3}``)."""
         import ray
 
-        return ray.get(self._actor.counts.remote())
+        return ray.get(self._actor.counts.remote(self._scope))
 
     def examples(self) -> dict[str, str]:
         """The first ``"key (shard): detail"`` seen per reason, to find the bad input."""
         import ray
 
-        return ray.get(self._actor.examples.remote())
+        return ray.get(self._actor.examples.remote(self._scope))
 
     def total(self) -> int:
         return sum(self.counts().values())

@@ -29,7 +29,7 @@ from dvsa import runtime, tracking, viz
 from dvsa.config import Config, ConfigError, registry_name
 from dvsa.data.manifest import Manifest
 from dvsa.errors import DataError, DvsaError
-from dvsa.ingest import build_dataset
+from dvsa.ingest import SkipCounter, build_dataset
 from dvsa.models.checkpoint import META_FILE, score_metric
 from dvsa.text import Vocab
 from dvsa.train import placement
@@ -202,9 +202,11 @@ def _loop(task: str):
 def _datasets(cfg: Config, task: str, root: str) -> tuple[dict, dict]:
     """The train and val datasets, and their skip counters (by split)."""
     vocab = Vocab.load(posixpath.join(root, "vocab.json"))
-    train_ds = build_dataset(root, "train", task, cfg, vocab, seed=cfg.train.seed)
+    counter = SkipCounter()                   # one actor for the job, each split its own scope
+    train_ds = build_dataset(root, "train", task, cfg, vocab, seed=cfg.train.seed,
+                             skip_counter=counter.scoped("train"))
     val_ds = build_dataset(root, "val", task, cfg, vocab, seed=cfg.train.seed, shuffle=False,
-                           preserve_order=True)
+                           preserve_order=True, skip_counter=counter.scoped("val"))
     counters = {"train": train_ds.dvsa_skips, "val": val_ds.dvsa_skips}
     if cfg.data.max_val_images:
         val_ds = val_ds.limit(cfg.data.max_val_images)
