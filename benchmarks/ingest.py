@@ -13,6 +13,13 @@ loop torch batches of B rows. Arms:
   ray_torchvision   the same with torchvision.io.decode_jpeg + v2 resize
   ray_actors        the same as ray_pil with an actor pool of C decoders (the read is fused
                     into the actors, so it needs no CPU of its own)
+  ray_pil_no_reservation  diagnostic, not a product setting: ray_pil with Ray Data's operator
+                    resource reservation off (``DataContext.op_resource_reservation_enabled``),
+                    so that no resource budget holds a pass's tasks back. Ray Data 2.60 starts
+                    every pass at one task for ~1 s (dvsa.ingest.warmup); dvsa's fix keeps the
+                    reservation and refreshes the limits every 0.1 s. With
+                    ``DVSA_RAY_DATA_LIMITS_REFRESH_S=1`` (Ray's own interval) this arm shows what
+                    the first second costs; without it, that the fix recovers it.
 
 The figure to read is ``ratio_vs_dataloader_same_decode``: each Ray arm's rows/s over the
 DataLoader arm that decodes the same way (ray_pil and ray_actors: dataloader_draft;
@@ -264,8 +271,9 @@ def run_ray(ds, batch_size) -> tuple[int, float]:
 LOADER_DECODERS = {"dataloader_full": "full", "dataloader_draft": "pil", "dataloader_torchvision": "torchvision"}
 #: each Ray arm's DataLoader arm with the same decode
 SAME_DECODE = {"ray_pil": "dataloader_draft", "ray_actors": "dataloader_draft",
-               "ray_torchvision": "dataloader_torchvision"}
-ARMS = ("dataloader_full", "dataloader_draft", "dataloader_torchvision", "ray_pil", "ray_torchvision", "ray_actors")
+               "ray_torchvision": "dataloader_torchvision", "ray_pil_no_reservation": "dataloader_draft"}
+ARMS = ("dataloader_full", "dataloader_draft", "dataloader_torchvision", "ray_pil", "ray_torchvision", "ray_actors",
+        "ray_pil_no_reservation")
 
 
 def same_decode_ratios(rate: dict[str, float]) -> dict[str, float]:
@@ -312,6 +320,7 @@ def main() -> int:
             "ray_torchvision": Config().replace(**base, **{"data.jpeg_decoder": "torchvision"}),
             # the read runs inside the actors (fused): all C CPUs decode
             "ray_actors": Config().replace(**{**base, "data.decode_pool": "actors"}),
+            "ray_pil_no_reservation": Config().replace(**base),
         }
         spec = IngestSpec(layout="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
         idle_workers = 4 * args.cpus if args.idle_workers is None else args.idle_workers
@@ -328,6 +337,8 @@ def main() -> int:
                    for k in LOADER_DECODERS if k in wanted}
         datasets = {k: build_dataset(root, "train", "caption_region", c, vocab, seed=0)
                     for k, c in cfgs.items() if k in wanted}
+        if "ray_pil_no_reservation" in datasets:    # this dataset's own context (a copy) only
+            datasets["ray_pil_no_reservation"].context.op_resource_reservation_enabled = False
         arms = {**{k: (lambda l=l: run_dataloader(l)) for k, l in loaders.items()},
                 **{k: (lambda d=d: run_ray(d, args.batch_size)) for k, d in datasets.items()}}
         arms = {k: arms[k] for k in wanted}

@@ -268,6 +268,31 @@ def test_fullframe_and_align_datasets(ray_local, shards):
     assert al_ds.dvsa_skips.counts() == {"corrupt_image": 1, "no_sentence": 1}
 
 
+def test_the_process_that_runs_a_dataset_refreshes_ray_datas_limits_often(ray_local, shards):
+    """Ray Data refreshes its CPU limits once a second and starts every pass at one task until
+    then (dvsa.ingest.warmup): whichever process unpickles a dvsa dataset to run it (the driver,
+    Train's split coordinator) refreshes them every 0.1 s, or as DVSA_RAY_DATA_LIMITS_REFRESH_S says."""
+    ds = build_dataset(shards, "train", "caption_region", _cfg(), VOCAB, seed=0)
+
+    @ray_local.remote(num_cpus=0, runtime_env={"env_vars": {"DVSA_RAY_DATA_LIMITS_REFRESH_S": "0.2"}})
+    class Executor:                    # a fresh process (its own runtime env), as an actor that runs a dataset
+        def interval(self):
+            import sys
+
+            from ray.data._internal.execution.resource_manager import ResourceManager
+            return ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, "dvsa.ingest.shard_source" in sys.modules
+
+        def take(self, holder):
+            return holder[0].take_batch(2, batch_format="numpy")["image_id"].shape, self.interval()[0]
+
+    ex = Executor.remote()
+    before, imported = ray_local.get(ex.interval.remote())
+    assert not imported and before != 0.2
+    assert ray_local.get(ex.take.remote([ds])) == ((2,), 0.2)
+    from ray.data._internal.execution.resource_manager import ResourceManager
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1          # this driver: the default
+
+
 def test_validation_is_unshuffled_and_whole(ray_local, shards):
     ds = build_dataset(shards, "val", "caption", _cfg(), VOCAB, seed=0)
     ids = [int(i) for b in iter_eval_batches(ds, batch_size=4) for i in b["image_id"]]

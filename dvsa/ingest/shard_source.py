@@ -34,6 +34,11 @@ import numpy as np
 from ray.data.datasource import FileBasedDatasource, ReadTask
 
 from dvsa.ingest.samples import ERROR_COLUMN, LOST_COLUMN
+from dvsa.ingest.warmup import refresh_limits_often
+
+# the process that unpickles a dvsa dataset to run it (the driver, Train's split coordinator)
+# runs every pass at full width from its start (dvsa.ingest.warmup)
+refresh_limits_often()
 
 ROWS_PER_BLOCK = 512     # as read_webdataset: samples per pandas block
 
