@@ -23,7 +23,7 @@ import logging
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -258,15 +258,64 @@ class ChunkedBatchBuilder(BatchBuilder):
         self.chunk = int(chunk)
 
     def __call__(self, batch: dict):
-        n = len(batch["__key__"])
-        yielded = False
-        for start in range(0, n, self.chunk):
-            out = super().__call__({k: v[start:start + self.chunk] for k, v in batch.items()})
+        yield from build_in_chunks([batch], super().__call__, self.empty, self.chunk)
+
+
+def build_in_chunks(blocks: Iterable[dict], build: Callable[[dict], dict], empty: Callable[[], dict],
+                    chunk: int) -> Iterator[dict]:
+    """Raw sample blocks (column dicts, in read order) -> ``build``'s batches of ``chunk``
+    samples each, in order: a block's rows left over after its last full chunk start the next
+    block's first one; the last batch takes what is left. Batches whose samples were all
+    skipped are dropped; if nothing is left, one ``empty()`` batch keeps the schema."""
+    pending: list[dict] = []
+    have, yielded = 0, False
+    for block in blocks:
+        n = len(block["__key__"])
+        if not n:
+            continue
+        pending.append(block)
+        have += n
+        while have >= chunk:
+            batch, pending = _take(pending, chunk)
+            have -= chunk
+            out = build(batch)
             if len(out["image_id"]):
                 yielded = True
                 yield out
-        if not yielded:                  # every row skipped: one empty batch keeps the schema
-            yield self.empty()
+    if have:
+        out = build(_take(pending, have)[0])
+        if len(out["image_id"]):
+            yielded = True
+            yield out
+    if not yielded:
+        yield empty()
+
+
+def _take(pieces: list[dict], rows: int) -> tuple[dict, list[dict]]:
+    """The first ``rows`` rows of a list of column dicts (columns missing from a piece are
+    None there) and the rest. Object columns: only the references are copied."""
+    taken, rest, need = [], [], rows
+    for piece in pieces:
+        n = len(piece["__key__"])
+        if need >= n:
+            taken.append(piece)
+            need -= n
+        elif need > 0:
+            taken.append({k: v[:need] for k, v in piece.items()})
+            rest.append({k: v[need:] for k, v in piece.items()})
+            need = 0
+        else:
+            rest.append(piece)
+    if len(taken) == 1:
+        return taken[0], rest
+    batch = {}
+    for k in dict.fromkeys(k for piece in taken for k in piece):
+        parts = [piece[k] if k in piece else np.full(len(piece["__key__"]), None, dtype=object)
+                 for piece in taken]
+        if len({p.dtype for p in parts}) > 1:
+            parts = [p.astype(object) for p in parts]
+        batch[k] = np.concatenate(parts)
+    return batch, rest
 
 
 def _bytes_column(values: list) -> np.ndarray:

@@ -30,9 +30,9 @@ import re
 import tarfile
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
-import numpy as np
 from ray.data.datasource import FileBasedDatasource, ReadTask
 
+from dvsa.ingest.builder import build_in_chunks
 from dvsa.ingest.samples import ERROR_COLUMN, LOST_COLUMN
 from dvsa.ingest.warmup import refresh_limits_often
 
@@ -100,62 +100,11 @@ class _DecodingRead:
 
 def decoded_blocks(raw_blocks: Iterable, builder, chunk: int) -> Iterator[dict]:
     """Raw sample blocks (pandas frames, as :func:`read_shard` yields them, shard after shard)
-    -> numpy batches built by ``builder`` from ``chunk`` samples at a time, in order: a block's
-    rows left over after its last full chunk start the next block's first one. Marker rows go
-    through the builder like samples (it counts them). One empty batch if nothing is left."""
-    pending: list[dict] = []
-    have, yielded = 0, False
-    for frame in raw_blocks:
-        n = len(frame)
-        if not n:
-            continue
-        pending.append({k: frame[k].to_numpy() for k in frame.columns})
-        have += n
-        while have >= chunk:
-            batch, pending = _take(pending, chunk)
-            have -= chunk
-            out = builder(batch)
-            if len(out["image_id"]):
-                yielded = True
-                yield out
-    if have:
-        out = builder(_take(pending, have)[0])
-        if len(out["image_id"]):
-            yielded = True
-            yield out
-    if not yielded:                  # every row skipped: one empty batch keeps the schema
-        yield builder.empty()
-
-
-def _take(pieces: list[dict], rows: int) -> tuple[dict, list[dict]]:
-    """The first ``rows`` rows of a list of column dicts (columns missing from a piece are
-    None there) and the rest. Object columns: only the references are copied."""
-    taken, rest, need = [], [], rows
-    for piece in pieces:
-        n = len(piece["__key__"])
-        if need >= n:
-            taken.append(piece)
-            need -= n
-        elif need > 0:
-            taken.append({k: v[:need] for k, v in piece.items()})
-            rest.append({k: v[need:] for k, v in piece.items()})
-            need = 0
-        else:
-            rest.append(piece)
-    if len(taken) == 1:
-        return taken[0], rest
-    columns = list(dict.fromkeys(k for piece in taken for k in piece))
-    batch = {}
-    for k in columns:
-        parts = []
-        for piece in taken:
-            if k in piece:
-                parts.append(piece[k])
-            else:
-                parts.append(np.full(len(piece["__key__"]), None, dtype=object))
-        batch[k] = np.concatenate(parts) if len({p.dtype for p in parts}) == 1 else \
-            np.concatenate([p.astype(object) for p in parts])
-    return batch, rest
+    -> numpy batches built by ``builder`` from ``chunk`` samples at a time, in order
+    (:func:`dvsa.ingest.builder.build_in_chunks`: a shard's last rows start the next one's
+    first chunk). Marker rows go through the builder like samples (it counts them)."""
+    columns = ({k: frame[k].to_numpy() for k in frame.columns} for frame in raw_blocks if len(frame))
+    return build_in_chunks(columns, builder, builder.empty, chunk)
 
 
 def read_shard(stream, path: str, suffixes: Iterable[str], expected: Optional[int] = None) -> Iterator:

@@ -8,7 +8,8 @@ pass ends, and the resource manager refreshes its limits only once a second
 images that costs 13% of the pass (``benchmarks/ingest.py``, arm ``ray_pil_no_reservation``,
 docs/ingest.md "Parity"). Refreshing every :data:`LIMITS_REFRESH_S` lets the second task start
 after ~0.1 s, and keeps the resource reservation (the object-store budget that bounds the
-queue of decoded blocks) as it is.
+queue of decoded blocks) as it is. Each refresh asks the coordinator actor for a cached
+dictionary entry, asynchronously.
 
 The setting is a class attribute of the process that runs the streaming executor: the job
 driver, or Ray Train's split coordinator actor. :mod:`dvsa.ingest.shard_source` (which every
@@ -20,6 +21,7 @@ without the attribute is left as it is.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,9 @@ def refresh_limits_often() -> float | None:
     try:
         value = float(raw) if raw else LIMITS_REFRESH_S
     except ValueError:
-        log.warning("%s=%r is not a number of seconds: using %s", ENV, raw, LIMITS_REFRESH_S)
-        value = LIMITS_REFRESH_S
-    if value <= 0:
-        log.warning("%s=%r must be > 0: using %s", ENV, raw, LIMITS_REFRESH_S)
+        value = float("nan")
+    if not (0 < value < math.inf):          # limits never refreshed would stay at zero CPUs
+        log.warning("%s=%r is not a positive number of seconds: using %s", ENV, raw, LIMITS_REFRESH_S)
         value = LIMITS_REFRESH_S
     ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = value
     return value
