@@ -10,8 +10,10 @@ recorded with its outcome so that one failure does not hide the rest:
 
 1. ``steps``: the region captioner (resnet50, 224 px, 20 regions, bf16, batch 128, Adam) on
    in-memory pinned batches: ``plain`` (every switch off: for-loop Adam, NCHW, eager, no cuDNN
-   autotuning), each eager switch alone, and ``eager_all``; images/s, ms/step, peak GPU memory
-   and the first step's seconds (torch.compile's cost, in stage 5).
+   autotuning, occupied rows selected), each eager switch alone (``static_shapes``: every
+   padded region slot computed and masked, no host read per step), and ``eager_all``;
+   images/s, ms/step, peak GPU memory and the first step's seconds (torch.compile's cost, in
+   stage 5).
 2. ``largest_batch``: batch 256, 512, 1024 with the eager switches on, until one does not fit,
    with the learning rate the linear scaling rule gives (``train.lr_scale_batch=128``).
 3. ``align``: the alignment model's step (resnet50, 20 regions, BRNN, eq. 8/9), plain and with
@@ -51,14 +53,16 @@ from ingest import make_bench_shards  # noqa: E402
 
 #: the switches each step arm turns on (everything else is off: the plain path)
 OFF = {"train.channels_last": False, "train.compile": "none", "train.optimizer_impl": "for_loop",
-       "train.cudnn_benchmark": False}
-EAGER = {"train.channels_last": True, "train.optimizer_impl": "fused", "train.cudnn_benchmark": True}
+       "train.cudnn_benchmark": False, "train.static_shapes": False}
+EAGER = {"train.channels_last": True, "train.optimizer_impl": "fused", "train.cudnn_benchmark": True,
+         "train.static_shapes": True}
 STEP_ARMS = {
     "plain": {},
     "channels_last": {"train.channels_last": True},
     "cudnn_benchmark": {"train.cudnn_benchmark": True},
     "foreach_adam": {"train.optimizer_impl": "foreach"},
     "fused_adam": {"train.optimizer_impl": "fused"},
+    "static_shapes": {"train.static_shapes": True},
     "eager_all": EAGER,
 }
 #: torch.compile arms (stage ``compile``, run last: each pays a compile of up to a minute or two)

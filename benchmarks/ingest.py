@@ -20,6 +20,10 @@ loop torch batches of B rows. Arms:
                     reservation and refreshes the limits every 0.1 s. With
                     ``DVSA_RAY_DATA_LIMITS_REFRESH_S=1`` (Ray's own interval) this arm shows what
                     the first second costs; without it, that the fix recovers it.
+  ray_pil_threaded_metadata  diagnostic, not a product setting: ray_pil with Ray Data's default
+                    threaded block-metadata fetcher, which emits each block one scheduling step
+                    (up to 0.1 s) after the executor sees it; dvsa fetches it inline
+                    (dvsa.ingest.warmup). Shows what that step costs at a pass's ends.
 
 The figure to read is ``ratio_vs_dataloader_same_decode``: each Ray arm's rows/s over the
 DataLoader arm that decodes the same way (ray_pil and ray_actors: dataloader_draft;
@@ -256,14 +260,24 @@ def run_dataloader(loader) -> tuple[int, float]:
 # --------------------------------------------------------------------------- the Ray arm
 
 
-def run_ray(ds, batch_size) -> tuple[int, float]:
-    """One pass over a Dataset built once and reused across passes, as a TorchTrainer does."""
+def run_ray(ds, batch_size, threaded_metadata: bool = False) -> tuple[int, float]:
+    """One pass over a Dataset built once and reused across passes, as a TorchTrainer does;
+    ``threaded_metadata``: with Ray Data's default metadata fetcher (the executor of this pass
+    reads the module switch when it starts)."""
+    from ray.data._internal.execution import metadata_fetcher
+
     from dvsa.ingest import iter_train_batches
 
-    n, t0, first = 0, time.perf_counter(), None
-    for batch in iter_train_batches(ds, batch_size, "cpu", prefetch_batches=2, epoch=0, seed=0, shuffle_buffer=0):
-        n += batch["images"].shape[0]
-        first = first if first is not None else time.perf_counter() - t0
+    dvsa_setting = metadata_fetcher._PREFETCH_ON_THREAD
+    metadata_fetcher._PREFETCH_ON_THREAD = threaded_metadata or dvsa_setting
+    try:
+        n, t0, first = 0, time.perf_counter(), None
+        for batch in iter_train_batches(ds, batch_size, "cpu", prefetch_batches=2, epoch=0, seed=0,
+                                        shuffle_buffer=0):
+            n += batch["images"].shape[0]
+            first = first if first is not None else time.perf_counter() - t0
+    finally:
+        metadata_fetcher._PREFETCH_ON_THREAD = dvsa_setting
     return n, first
 
 
@@ -271,9 +285,10 @@ def run_ray(ds, batch_size) -> tuple[int, float]:
 LOADER_DECODERS = {"dataloader_full": "full", "dataloader_draft": "pil", "dataloader_torchvision": "torchvision"}
 #: each Ray arm's DataLoader arm with the same decode
 SAME_DECODE = {"ray_pil": "dataloader_draft", "ray_actors": "dataloader_draft",
-               "ray_torchvision": "dataloader_torchvision", "ray_pil_no_reservation": "dataloader_draft"}
+               "ray_torchvision": "dataloader_torchvision", "ray_pil_no_reservation": "dataloader_draft",
+               "ray_pil_threaded_metadata": "dataloader_draft"}
 ARMS = ("dataloader_full", "dataloader_draft", "dataloader_torchvision", "ray_pil", "ray_torchvision", "ray_actors",
-        "ray_pil_no_reservation")
+        "ray_pil_no_reservation", "ray_pil_threaded_metadata")
 
 
 def same_decode_ratios(rate: dict[str, float]) -> dict[str, float]:
@@ -321,6 +336,7 @@ def main() -> int:
             # the read runs inside the actors (fused): all C CPUs decode
             "ray_actors": Config().replace(**{**base, "data.decode_pool": "actors"}),
             "ray_pil_no_reservation": Config().replace(**base),
+            "ray_pil_threaded_metadata": Config().replace(**base),
         }
         spec = IngestSpec(layout="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
         idle_workers = 4 * args.cpus if args.idle_workers is None else args.idle_workers
@@ -340,7 +356,8 @@ def main() -> int:
         if "ray_pil_no_reservation" in datasets:    # this dataset's own context (a copy) only
             datasets["ray_pil_no_reservation"].context.op_resource_reservation_enabled = False
         arms = {**{k: (lambda l=l: run_dataloader(l)) for k, l in loaders.items()},
-                **{k: (lambda d=d: run_ray(d, args.batch_size)) for k, d in datasets.items()}}
+                **{k: (lambda d=d, k=k: run_ray(d, args.batch_size, k == "ray_pil_threaded_metadata"))
+                   for k, d in datasets.items()}}
         arms = {k: arms[k] for k in wanted}
         times: dict[str, list[float]] = {k: [] for k in arms}
         firsts: dict[str, list[float]] = {k: [] for k in arms}

@@ -148,6 +148,10 @@ class TrainConfig:
     # optimizer kernels: auto = fused on CUDA (adam, sgd; foreach for rmsprop), foreach on the CPU
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     cudnn_benchmark: bool = False   # let cuDNN time its convolution algorithms once per input shape
+    # every padded region slot through RoIAlign and the captioner, masked out of the loss, instead
+    # of selecting the occupied rows: no tensor shape depends on the data, so a step reads nothing
+    # back from the GPU and torch.compile sees one shape (costs the padded slots' compute)
+    static_shapes: bool = False
     # linear LR scaling: train.lr is meant for a global batch of lr_scale_batch images; the optimizer
     # gets lr x data.batch_size x train.num_workers / lr_scale_batch (0: train.lr as given)
     lr_scale_batch: int = 0
@@ -478,6 +482,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.train.optimizer_impl == "fused" and cfg.train.optimizer == "rmsprop":
         raise ConfigError("train.optimizer_impl: 'fused' kernels exist for adam and sgd, not rmsprop "
                           "(use 'auto' or 'foreach')")
+    if cfg.train.static_shapes and cfg.model.region_features != "roi_align" and not cfg.data.features:
+        raise ConfigError("train.static_shapes: needs model.region_features=roi_align (the crop path cuts "
+                          "each box out on the host)")
     if cfg.data.max_len < 3:
         raise ConfigError(f"data.max_len: must be >= 3 (START, a word, END), got {cfg.data.max_len!r}")
     if cfg.model.box_geometry and cfg.data.features:

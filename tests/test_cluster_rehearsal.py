@@ -154,6 +154,7 @@ train:
   channels_last: false
   compile: none
   cudnn_benchmark: false
+  static_shapes: true             # vg.yaml's: the padded-slot step through Ray Train and DDP, on the CPU
   lr_scale_batch: 0
   storage_path: {sh}/ray_results
   log_every: 1

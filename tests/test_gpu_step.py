@@ -1,6 +1,7 @@
 """The GPU step switches (``train.channels_last``, ``train.compile``, ``train.optimizer_impl``,
-``train.cudnn_benchmark``, ``train.lr_scale_batch``), checked on the CPU: each gives the plain
-path's losses, and the train loop reads nothing back from the device per step."""
+``train.cudnn_benchmark``, ``train.static_shapes``, ``train.lr_scale_batch``), checked on the
+CPU: each gives the plain path's losses, and the train loop reads nothing back from the device
+per step (with ``train.static_shapes``, neither does the model's step)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from dvsa.config import Config, ConfigError
-from dvsa.models.build import build_model
+from dvsa.models.build import FeatureCaptioningModel, build_model
 from dvsa.models.encoder import boxes_from_padded
 from dvsa.models.optim import build_optimizer, optimizer_kernels, update
 from dvsa.text import Vocab
 from dvsa.train import common
+from dvsa.train.align import align_batch_loss
 from dvsa.train.caption import caption_batch_loss
 from dvsa.train.loop import Objective, Progress, _EpochStats, _train_epoch, _Trainee
 
@@ -46,8 +48,25 @@ def _batch(b: int, r: int = 3, t: int = 5, seed: int = 0) -> dict:
             "boxes": boxes, "box_mask": mask, "inputs": targets.roll(1, -1).clamp(min=1), "targets": targets}
 
 
+def _align_batch(b: int, m: int = 4, t: int = 5, seed: int = 0) -> dict:
+    """An ingest-shaped alignment batch: the whole image first, then 0..m-1 boxes per image."""
+    g = torch.Generator().manual_seed(seed)
+    batch = _batch(b, m, t, seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    tokens = torch.randint(3, 3 + len(WORDS), (b, t), generator=g)
+    tokens = tokens * (torch.arange(t)[None, :] < lengths[:, None])
+    batch["boxes"][:, 0] = torch.tensor([0.0, 0.0, 32.0, 32.0])
+    return {"images": batch["images"], "boxes": batch["boxes"], "box_mask": batch["box_mask"],
+            "tokens": tokens, "lengths": lengths}
+
+
+def _step_loss(cfg: Config):
+    return align_batch_loss if cfg.task == "align" else caption_batch_loss
+
+
 def _losses(cfg: Config, steps: int = 3) -> list[float]:
-    """Losses of ``steps`` train steps of the tiny region captioner (same seed, same batches)."""
+    """Losses of ``steps`` train steps of the tiny region captioner, or the alignment model
+    (same seed, same batches)."""
     common.seed_everything(0)
     model = build_model(cfg, _vocab())
     common.apply_step_switches(model, cfg.train)
@@ -55,7 +74,8 @@ def _losses(cfg: Config, steps: int = 3) -> list[float]:
     opt = build_optimizer(model.parameters(), cfg.train, lr=common.scaled_lr(cfg))
     out = []
     for i in range(steps):
-        loss = caption_batch_loss(model, _batch(4, seed=i), cfg)
+        batch = _align_batch(4, seed=i) if cfg.task == "align" else _batch(4, seed=i)
+        loss = _step_loss(cfg)(model, batch, cfg)
         update(opt, loss, list(model.parameters()), cfg.train)
         out.append(float(loss.detach()))
     return out
@@ -83,6 +103,45 @@ def test_torch_compile_gives_the_plain_losses(mode):
     plain = _losses(_cfg(), steps=2)
     compiled = _losses(_cfg(**{"train.compile": mode}), steps=2)
     assert compiled == pytest.approx(plain, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("task", ["caption", "fullframe", "align", "align_geometry"])
+def test_static_shapes_gives_the_plain_losses(task):
+    """Every padded slot computed and masked out: the same losses, step after step (the batches
+    have empty slots between occupied ones, and images with one region)."""
+    kw = {"caption": {}, "fullframe": {"caption.mode": "fullframe"}, "align": {"task": "align"},
+          "align_geometry": {"task": "align", "model.box_geometry": True, "align.score": "eq7"}}[task]
+    plain = _losses(_cfg(**kw), steps=3)
+    static = _losses(_cfg(**kw, **{"train.static_shapes": True}), steps=3)
+    assert static == pytest.approx(plain, rel=1e-4, abs=1e-5)
+
+
+def test_static_shapes_feature_captioner_gives_the_plain_loss():
+    cfg = _cfg(**{"data.features": "unused-here"})
+    common.seed_everything(0)
+    full = build_model(_cfg(), _vocab())
+    model = FeatureCaptioningModel(full.captioner)
+    batch = _batch(5, r=4)
+    batch = {"feats": torch.randn(5, 4, full.encoder.feat_dim) * batch["box_mask"][..., None], **batch}
+    del batch["images"], batch["boxes"]
+    plain = caption_batch_loss(model, batch, cfg)
+    static = caption_batch_loss(model, batch, cfg.replace(**{"train.static_shapes": True}))
+    assert float(static) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_every_slot_features_are_the_listed_boxes_features_where_occupied():
+    model = build_model(_cfg(), _vocab()).eval()
+    batch = _batch(3, r=4)
+    images = batch["images"].float() / 255
+    every = model.encoder.every_slot(images, batch["boxes"])                  # [3, 4, D]
+    listed = model.encoder(images, boxes_from_padded(batch["boxes"], batch["box_mask"]))
+    torch.testing.assert_close(every[batch["box_mask"]], listed)
+    assert every.shape[:2] == batch["box_mask"].shape
+
+
+def test_static_shapes_needs_roi_align():
+    with pytest.raises(ConfigError, match="train.static_shapes: needs model.region_features=roi_align"):
+        _cfg(**{"train.static_shapes": True, "model.region_features": "crop"})
 
 
 def test_compile_keeps_parameter_names_so_checkpoints_load():
@@ -198,6 +257,22 @@ def test_the_region_captioner_loss_reads_back_the_same_few_values_at_any_batch_s
     assert counts[0] == counts[1] <= 4
 
 
+@pytest.mark.parametrize("task", ["caption", "align"])
+def test_a_static_shapes_step_reads_nothing_back(task):
+    """With train.static_shapes the step (forward, loss, backward) has no host read at all; the
+    plain path selects the occupied rows (the control: the counter sees those reads)."""
+    kw = {"task": "align"} if task == "align" else {}
+    counts = {}
+    for static in (False, True):
+        cfg = _cfg(**kw, **{"train.static_shapes": static})
+        model = build_model(cfg, _vocab()).train()
+        batch = _align_batch(6) if task == "align" else _batch(6)
+        with HostReads() as reads:
+            _step_loss(cfg)(model, batch, cfg).backward()
+        counts[static] = reads.count
+    assert counts[False] > 0 and counts[True] == 0, counts
+
+
 def test_boxes_from_padded_splits_the_masked_rows_image_by_image():
     boxes = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
     mask = torch.tensor([[True, False, True], [False, False, True]])
@@ -223,11 +298,12 @@ def test_gpu_step_script_runs_every_stage_on_the_cpu_in_smoke_mode(tmp_path):
     assert all(res[s]["ok"] for s in ("environment", "shards", "steps", "largest_batch", "align", "feeding",
                                       "compile"))
     arms = res["steps"]["arms"]
-    for name in ("plain", "channels_last", "cudnn_benchmark", "foreach_adam", "fused_adam", "eager_all"):
+    for name in ("plain", "channels_last", "cudnn_benchmark", "foreach_adam", "fused_adam", "static_shapes",
+                 "eager_all"):
         assert arms[name]["images_per_s"] > 0, name
     # the same batches and seed: every eager switch starts from the plain path's loss
-    assert {arms[n]["loss_first"] for n in ("plain", "channels_last", "fused_adam", "eager_all")} == {
-        arms["plain"]["loss_first"]}
+    firsts = [arms[n]["loss_first"] for n in ("channels_last", "fused_adam", "static_shapes", "eager_all")]
+    assert firsts == pytest.approx([arms["plain"]["loss_first"]] * 4, abs=2e-4)   # rounded to 4 places
     assert "compile" in res["compile"]["skipped"]                       # GPU only in the smoke run
     assert res["largest_batch"]["batches"]["8"]["lr"] == pytest.approx(2 * arms["plain"]["lr"])   # linear rule
     feeding = res["feeding"]["arms"]

@@ -268,29 +268,40 @@ def test_fullframe_and_align_datasets(ray_local, shards):
     assert al_ds.dvsa_skips.counts() == {"corrupt_image": 1, "no_sentence": 1}
 
 
-def test_the_process_that_runs_a_dataset_refreshes_ray_datas_limits_often(ray_local, shards):
+def test_the_process_that_runs_a_dataset_tunes_ray_datas_executor(ray_local, shards):
     """Ray Data refreshes its CPU limits once a second and starts every pass at one task until
-    then (dvsa.ingest.warmup): whichever process unpickles a dvsa dataset to run it (the driver,
-    Train's split coordinator) refreshes them every 0.1 s, or as DVSA_RAY_DATA_LIMITS_REFRESH_S says."""
+    then, and emits each block one scheduling step after it sees it (dvsa.ingest.warmup):
+    whichever process unpickles a dvsa dataset to run it (the driver, Train's split coordinator)
+    refreshes the limits every 0.1 s, or as DVSA_RAY_DATA_LIMITS_REFRESH_S says, and fetches
+    block metadata inline, unless its user set Ray's RAY_DATA_METADATA_PREFETCH_ON_THREAD."""
     ds = build_dataset(shards, "train", "caption_region", _cfg(), VOCAB, seed=0)
 
-    @ray_local.remote(num_cpus=0, runtime_env={"env_vars": {"DVSA_RAY_DATA_LIMITS_REFRESH_S": "0.2"}})
     class Executor:                    # a fresh process (its own runtime env), as an actor that runs a dataset
-        def interval(self):
+        def settings(self):
             import sys
 
+            from ray.data._internal.execution import metadata_fetcher
             from ray.data._internal.execution.resource_manager import ResourceManager
-            return ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, "dvsa.ingest.shard_source" in sys.modules
+            return (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, metadata_fetcher._PREFETCH_ON_THREAD,
+                    "dvsa.ingest.shard_source" in sys.modules)
 
         def take(self, holder):
-            return holder[0].take_batch(2, batch_format="numpy")["image_id"].shape, self.interval()[0]
+            return holder[0].take_batch(2, batch_format="numpy")["image_id"].shape, self.settings()[:2]
 
-    ex = Executor.remote()
-    before, imported = ray_local.get(ex.interval.remote())
-    assert not imported and before != 0.2
-    assert ray_local.get(ex.take.remote([ds])) == ((2,), 0.2)
+    def start(env):
+        return ray_local.remote(num_cpus=0, runtime_env={"env_vars": env})(Executor).remote()
+
+    ex = start({"DVSA_RAY_DATA_LIMITS_REFRESH_S": "0.2"})
+    before = ray_local.get(ex.settings.remote())
+    assert before[2] is False and before[0] != 0.2 and before[1] is True       # Ray's own
+    assert ray_local.get(ex.take.remote([ds])) == ((2,), (0.2, False))
+    # the user's choice of Ray's switch stands
+    mine = start({"RAY_DATA_METADATA_PREFETCH_ON_THREAD": "1"})
+    assert ray_local.get(mine.take.remote([ds])) == ((2,), (0.1, True))
+    from ray.data._internal.execution import metadata_fetcher
     from ray.data._internal.execution.resource_manager import ResourceManager
-    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1          # this driver: the default
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1          # this driver: the defaults
+    assert metadata_fetcher._PREFETCH_ON_THREAD is False
 
 
 def test_validation_is_unshuffled_and_whole(ray_local, shards):

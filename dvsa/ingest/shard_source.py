@@ -34,11 +34,12 @@ from ray.data.datasource import FileBasedDatasource, ReadTask
 
 from dvsa.ingest.builder import build_in_chunks
 from dvsa.ingest.samples import ERROR_COLUMN, LOST_COLUMN
-from dvsa.ingest.warmup import refresh_limits_often
+from dvsa.ingest.warmup import tune_ray_data
 
 # the process that unpickles a dvsa dataset to run it (the driver, Train's split coordinator)
-# runs every pass at full width from its start (dvsa.ingest.warmup)
-refresh_limits_often()
+# runs every pass at full width from its start and hands each block on in the step that sees
+# it (dvsa.ingest.warmup)
+tune_ray_data()
 
 ROWS_PER_BLOCK = 512     # as read_webdataset: samples per pandas block
 

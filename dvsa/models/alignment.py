@@ -186,11 +186,25 @@ class AlignmentModel(nn.Module):
 
     # ----------------------------------------------------------------- images
     def embed_regions(self, images: Tensor, boxes: BoxesArg,
-                      box_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                      box_mask: Optional[Tensor] = None, every_slot: bool = False) -> tuple[Tensor, Tensor]:
         """Images + boxes (a list of [K_b,4], or padded [B,M,4] with ``box_mask``) ->
-        (v float[B,M,h], v_mask bool[B,M])."""
+        (v float[B,M,h], v_mask bool[B,M]). ``every_slot`` (``train.static_shapes``, padded boxes
+        only): every slot goes through the CNN, the box mask masks the empty ones; the list path
+        packs each image's regions first and pads after the longest."""
         if self.encoder is None:
             raise RuntimeError("this AlignmentModel was built with_encoder=False: use embed_region_features")
+        if every_slot:
+            if not isinstance(boxes, Tensor):
+                raise ValueError("every_slot: needs padded boxes float[B,M,4]")
+            B, M, _ = boxes.shape
+            v_mask = box_mask.bool() if box_mask is not None else torch.ones(
+                B, M, dtype=torch.bool, device=boxes.device)
+            feats = self.encoder.every_slot(images, boxes)            # [B, M, feat_dim]
+            geometry = None
+            if self.W_g is not None:
+                geometry = box_geometry(boxes.reshape(B * M, 4).to(feats), images.shape[-1],
+                                        images.shape[-2]).view(B, M, GEOMETRY_DIM)
+            return self.embed_region_features(feats, v_mask, geometry)
         if isinstance(boxes, Tensor):
             if box_mask is None:
                 box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
@@ -251,8 +265,10 @@ class AlignmentModel(nn.Module):
         return ranking_loss(S, margin=self.align_cfg.margin, hardest=self.align_cfg.loss == "hardest")
 
     def forward(self, images: Optional[Tensor], boxes: Optional[BoxesArg], box_mask: Optional[Tensor],
-                tokens: Tensor, lengths: Tensor, feats: Optional[Tensor] = None) -> Tensor:
-        """One align batch (image b with sentence b) -> S float[B, B]."""
+                tokens: Tensor, lengths: Tensor, feats: Optional[Tensor] = None,
+                every_slot: bool = False) -> Tensor:
+        """One align batch (image b with sentence b) -> S float[B, B]; ``every_slot``: see
+        :meth:`embed_regions` (features are always every slot)."""
         if feats is not None:
             if box_mask is None:
                 raise ValueError("AlignmentModel: feats needs box_mask (which of the M rows are regions)")
@@ -260,6 +276,6 @@ class AlignmentModel(nn.Module):
         else:
             if images is None or boxes is None:
                 raise ValueError("AlignmentModel: pass feats, or images with boxes")
-            v, v_mask = self.embed_regions(images, boxes, box_mask)
+            v, v_mask = self.embed_regions(images, boxes, box_mask, every_slot=every_slot)
         s, s_mask = self.embed_words(tokens, lengths)
         return self.scores(v, v_mask, s, s_mask)

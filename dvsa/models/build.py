@@ -26,7 +26,10 @@ class FeatureCaptioningModel(nn.Module):
         super().__init__()
         self.captioner = captioner
 
-    def forward(self, feats: Tensor, inputs: Tensor, box_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, feats: Tensor, inputs: Tensor, box_mask: Optional[Tensor] = None,
+                every_slot: bool = False) -> Tensor:
+        if every_slot:   # train.static_shapes: logits of every slot, float[B*R,T,V]
+            return self.captioner(feats.flatten(0, 1), inputs.flatten(0, 1))
         if box_mask is None:
             box_mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         return self.captioner(feats[box_mask], inputs[box_mask])

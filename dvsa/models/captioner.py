@@ -153,7 +153,10 @@ class CaptioningModel(nn.Module):
         return self.encoder(images, boxes)                            # [N, feat_dim]
 
     def forward(self, images: Tensor, boxes: Sequence[Tensor] | Tensor, inputs: Tensor,
-                box_mask: Optional[Tensor] = None) -> Tensor:
+                box_mask: Optional[Tensor] = None, every_slot: bool = False) -> Tensor:
+        if every_slot:   # train.static_shapes: padded [B,R,4] boxes and [B,R,T] inputs, every slot
+            feats = self.encoder.every_slot(images, boxes)            # [B, R, feat_dim]
+            return self.captioner(feats.flatten(0, 1), inputs.flatten(0, 1))   # [B*R, T, V]
         feats = self.region_features(images, boxes, box_mask)
         if inputs.dim() == 3:
             mask = box_mask.bool() if box_mask is not None else torch.ones(

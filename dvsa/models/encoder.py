@@ -219,8 +219,24 @@ class ImageEncoder(nn.Module):
                 return self._roi_align_features(images, boxes)
             return self._crop_features(images, boxes)
 
+    def every_slot(self, images: Tensor, boxes: Tensor) -> Tensor:
+        """``float[B,3,H,W]`` + padded ``float[B,M,4]`` -> ``float[B,M,feat_dim]``: every slot,
+        padded ones too (``train.static_shapes``). RoIAlign takes the B*M boxes as one
+        ``[B*M, 5]`` tensor (image index, box), so no shape depends on which slots are occupied."""
+        if images.dim() != 4 or boxes.dim() != 3 or boxes.shape[0] != images.shape[0] or boxes.shape[-1] != 4:
+            raise ValueError(f"every_slot needs images [B,3,H,W] and boxes [B,M,4], got "
+                             f"{tuple(images.shape)} and {tuple(boxes.shape)}")
+        if self.region_features != "roi_align":
+            raise DvsaError("train.static_shapes: needs model.region_features=roi_align")
+        B, M, _ = boxes.shape
+        image_of = torch.arange(B, device=images.device, dtype=images.dtype)[:, None].expand(B, M)
+        rois = torch.cat([image_of.reshape(B * M, 1), boxes.reshape(B * M, 4).to(images)], dim=1)   # [B*M, 5]
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._roi_align_features(images, rois).view(B, M, -1)
+
     # ours: one pass per image, RoIAlign on the shared map
-    def _roi_align_features(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
+    def _roi_align_features(self, images: Tensor, boxes: list[Tensor] | Tensor) -> Tensor:
+        """``boxes``: a list of B float[K_b,4], or float[K,5] rows of (image index, box)."""
         fmap = self.trunk(images.contiguous(memory_format=self.memory_format))   # [B, C, H/s, W/s]
         scale = 2.0 ** round(math.log2(fmap.shape[-1] / images.shape[-1]))
         pooled = roi_align(fmap, boxes, output_size=self.roi_size, spatial_scale=scale,

@@ -22,17 +22,19 @@ from dvsa.models.alignment import ranking_loss
 from dvsa.train.loop import Objective, ValidationContext, run_worker
 
 
-def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """S float[B, B]: image b against sentence l (called on the DDP wrapper when training)."""
+def _forward(model: torch.nn.Module, batch: dict, every_slot: bool = False) -> torch.Tensor:
+    """S float[B, B]: image b against sentence l (called on the DDP wrapper when training);
+    ``every_slot``: ``train.static_shapes`` (no shape depends on the box mask)."""
     mask = batch["box_mask"].bool()
     if "feats" in batch:
         return model(None, None, mask, batch["tokens"], batch["lengths"], feats=batch["feats"])
 
-    return model(normalize_images(batch["images"]), batch["boxes"], mask, batch["tokens"], batch["lengths"])
+    return model(normalize_images(batch["images"]), batch["boxes"], mask, batch["tokens"], batch["lengths"],
+                 every_slot=every_slot)
 
 
 def align_batch_loss(model: torch.nn.Module, batch: dict, cfg: Config) -> torch.Tensor:
-    S = _forward(model, batch).float()
+    S = _forward(model, batch, every_slot=cfg.train.static_shapes).float()
     return ranking_loss(S, margin=cfg.align.margin, hardest=cfg.align.loss == "hardest")
 
 

@@ -31,13 +31,21 @@ def _images(batch: dict) -> torch.Tensor:
 
 
 def caption_batch_loss(model: torch.nn.Module, batch: dict, cfg: Config) -> torch.Tensor:
-    """Mean cross-entropy over the occupied target positions of the batch's captions."""
+    """Mean cross-entropy over the occupied target positions of the batch's captions.
+
+    ``train.static_shapes``: every region slot is captioned and the empty ones' targets are
+    all PAD, so they drop out of the mean; no tensor's size depends on the box mask."""
     mask = batch["box_mask"].bool()
+    every = cfg.train.static_shapes
     if "feats" in batch:
-        logits = model(batch["feats"], batch["inputs"], mask)           # [N, T, V]
+        logits = model(batch["feats"], batch["inputs"], mask, every_slot=every)
     else:
-        logits = model(_images(batch), batch["boxes"], batch["inputs"], mask)   # [N, T, V]
-    return caption_loss(logits.float(), batch["targets"][mask])
+        logits = model(_images(batch), batch["boxes"], batch["inputs"], mask, every_slot=every)
+    if every:   # logits [B*R, T, V]; the empty slots' targets set to PAD
+        targets = batch["targets"].masked_fill(~mask[:, :, None], PAD).flatten(0, 1)
+    else:       # logits [N, T, V] of the occupied rows
+        targets = batch["targets"][mask]
+    return caption_loss(logits.float(), targets)
 
 
 def _features(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
