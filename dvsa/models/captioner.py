@@ -155,6 +155,8 @@ class CaptioningModel(nn.Module):
     def forward(self, images: Tensor, boxes: Sequence[Tensor] | Tensor, inputs: Tensor,
                 box_mask: Optional[Tensor] = None, every_slot: bool = False) -> Tensor:
         if every_slot:   # train.static_shapes: padded [B,R,4] boxes and [B,R,T] inputs, every slot
+            if not isinstance(boxes, Tensor):
+                raise ValueError("every_slot: needs padded boxes float[B,R,4]")
             feats = self.encoder.every_slot(images, boxes)            # [B, R, feat_dim]
             return self.captioner(feats.flatten(0, 1), inputs.flatten(0, 1))   # [B*R, T, V]
         feats = self.region_features(images, boxes, box_mask)
