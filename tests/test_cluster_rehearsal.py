@@ -9,7 +9,9 @@
 * The jobs: exactly the `ray job submit` lines of README.md's "On a cluster" section, read from the
   README (the docs cannot drift), with three substitutions that make them run here: the shared
   volume `/mnt/efs/dvsa` is a temp dir, and `configs/vg.yaml` / `configs/tune_vg.yaml` are
-  presets that extend them (`base:`) at test scale (tiny CNN, 64 px, CPU, 2 workers).
+  presets that extend them (`base:`) at test scale (tiny CNN, 64 px, CPU, 2 workers); the
+  alignment job alone gets `train.epochs=5` appended, so that it is still running when the
+  rehearsal stops it.
 * Faults on the way: the worker node's raylet is killed mid-training and the node restarted; the
   submitting client is stopped, the job stopped, and the same command resubmitted; the MLflow
   server is stopped for seconds mid-run. Each must end in a finished run that resumed from its
@@ -47,6 +49,10 @@ SHARED = "/mnt/efs/dvsa"          # the shared volume in the README's commands a
 NODE_CPUS = 3                     # per node; a train worker asks for 2: one worker per node
 JOB_TIMEOUT_S = 600
 EPOCHS = 3                        # the rehearsal presets' train.epochs (the sweep: 1)
+# the alignment job's (its command gets train.epochs=ALIGN_EPOCHS appended): it is stopped after its
+# first checkpoint and must still have epochs left when the stop lands, at whatever load (with 3
+# epochs one CI run saw the stop land after the last one)
+ALIGN_EPOCHS = 5
 BATCH = 4                         # their data.batch_size: a few steps per epoch, faults land mid-run
 
 
@@ -206,7 +212,8 @@ tune:
         self.cluster: LocalCluster | None = None
 
     def argv(self, name: str) -> list[str]:
-        """The README's command with the three substitutions, token by token."""
+        """The README's command with the three substitutions, token by token (and the alignment
+        job's longer run, ALIGN_EPOCHS)."""
         subst = {"configs/vg.yaml": str(self.vg_preset), "configs/tune_vg.yaml": str(self.tune_preset)}
         out = []
         for a in self.jobs[name]:
@@ -214,6 +221,8 @@ tune:
             a = a.replace(SHARED, str(self.sh))
             out.append(a)
         out[0] = RAY
+        if name == "train_align":
+            out.append(f"train.epochs={ALIGN_EPOCHS}")
         return out
 
     def run(self, name: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, str]:
@@ -533,7 +542,7 @@ def test_alignment_model_resumes_when_resubmitted(rehearsal):
     assert res.returncode == 0, res.stdout + res.stderr
     _wait_for("the job to stop", lambda: r.cluster.job_status(sid) in ("STOPPED", "FAILED"), timeout_s=120)
     stopped_in_s = round(time.time() - t_stop, 1)
-    final_step = EPOCHS * steps_per_epoch(r.sh / "data" / "coco", BATCH, workers=2)
+    final_step = ALIGN_EPOCHS * steps_per_epoch(r.sh / "data" / "coco", BATCH, workers=2)
     last_before = max(_registered_steps(run_dir))
     assert last_before < final_step, "the job ended before it was stopped: nothing left to resume"
     assert _run_of(r, name).info.status == "KILLED"
