@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvsa.config import AlignConfig, ModelConfig
-from dvsa.models.encoder import FEAT_DIMS, ImageEncoder, boxes_from_padded, build_encoder
+from dvsa.models.encoder import FEAT_DIMS, ImageEncoder, boxes_from_padded, build_encoder, slot_mask
 from dvsa.models.word_vectors import init_embedding
 
 BoxesArg = Union[Sequence[Tensor], Tensor]
@@ -197,18 +197,14 @@ class AlignmentModel(nn.Module):
             if not isinstance(boxes, Tensor):
                 raise ValueError("every_slot: needs padded boxes float[B,M,4]")
             B, M, _ = boxes.shape
-            v_mask = box_mask.bool() if box_mask is not None else torch.ones(
-                B, M, dtype=torch.bool, device=boxes.device)
             feats = self.encoder.every_slot(images, boxes)            # [B, M, feat_dim]
             geometry = None
             if self.W_g is not None:
                 geometry = box_geometry(boxes.reshape(B * M, 4).to(feats), images.shape[-1],
                                         images.shape[-2]).view(B, M, GEOMETRY_DIM)
-            return self.embed_region_features(feats, v_mask, geometry)
+            return self.embed_region_features(feats, slot_mask(box_mask, boxes), geometry)
         if isinstance(boxes, Tensor):
-            if box_mask is None:
-                box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
-            box_list = boxes_from_padded(boxes, box_mask.bool())
+            box_list = boxes_from_padded(boxes, slot_mask(box_mask, boxes))
         else:
             box_list = list(boxes)
         counts = [len(bx) for bx in box_list]

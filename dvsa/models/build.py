@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from dvsa.config import Config
 from dvsa.models.captioner import Captioner, CaptioningModel, build_captioner
-from dvsa.models.encoder import FEAT_DIMS, build_encoder
+from dvsa.models.encoder import FEAT_DIMS, build_encoder, slot_mask
 from dvsa.text import Vocab
 
 
@@ -30,9 +29,8 @@ class FeatureCaptioningModel(nn.Module):
                 every_slot: bool = False) -> Tensor:
         if every_slot:   # train.static_shapes: logits of every slot, float[B*R,T,V]
             return self.captioner(feats.flatten(0, 1), inputs.flatten(0, 1))
-        if box_mask is None:
-            box_mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        return self.captioner(feats[box_mask], inputs[box_mask])
+        mask = slot_mask(box_mask, feats)
+        return self.captioner(feats[mask], inputs[mask])
 
 
 def build_model(cfg: Config, vocab: Vocab) -> nn.Module:

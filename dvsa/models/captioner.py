@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvsa.config import CaptionConfig, ModelConfig
-from dvsa.models.encoder import ImageEncoder, boxes_from_padded
+from dvsa.models.encoder import ImageEncoder, boxes_from_padded, slot_mask
 from dvsa.models.word_vectors import init_embedding
 
 PAD, START, END = 0, 1, 2
@@ -147,9 +147,7 @@ class CaptioningModel(nn.Module):
     def region_features(self, images: Tensor, boxes: Sequence[Tensor] | Tensor,
                         box_mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(boxes, Tensor):
-            if box_mask is None:
-                box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
-            boxes = boxes_from_padded(boxes, box_mask.bool())
+            boxes = boxes_from_padded(boxes, slot_mask(box_mask, boxes))
         return self.encoder(images, boxes)                            # [N, feat_dim]
 
     def forward(self, images: Tensor, boxes: Sequence[Tensor] | Tensor, inputs: Tensor,
@@ -161,9 +159,7 @@ class CaptioningModel(nn.Module):
             return self.captioner(feats.flatten(0, 1), inputs.flatten(0, 1))   # [B*R, T, V]
         feats = self.region_features(images, boxes, box_mask)
         if inputs.dim() == 3:
-            mask = box_mask.bool() if box_mask is not None else torch.ones(
-                inputs.shape[:2], dtype=torch.bool, device=inputs.device)
-            inputs = inputs[mask]                                     # [N, T]
+            inputs = inputs[slot_mask(box_mask, inputs)]              # [N, T]
         return self.captioner(feats, inputs)
 
 

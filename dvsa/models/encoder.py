@@ -158,6 +158,13 @@ def full_image_boxes(images: Tensor) -> list[Tensor]:
     return [box.clone() for _ in range(b)]
 
 
+def slot_mask(box_mask: Optional[Tensor], padded: Tensor) -> Tensor:
+    """``bool[B,M]``: ``box_mask``, or every slot of ``padded`` (``[B,M,...]``) when it is None."""
+    if box_mask is None:
+        return torch.ones(padded.shape[:2], dtype=torch.bool, device=padded.device)
+    return box_mask.bool()
+
+
 def boxes_from_padded(boxes: Tensor, box_mask: Tensor) -> list[Tensor]:
     """``float[B,M,4]`` + ``bool[B,M]`` -> list of ``float[K_b,4]`` (the masked-in rows, in order)."""
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or box_mask.shape != boxes.shape[:2]:
