@@ -24,6 +24,16 @@ loop torch batches of B rows. Arms:
                     threaded block-metadata fetcher, which emits each block one scheduling step
                     (up to 0.1 s) after the executor sees it; dvsa fetches it inline
                     (dvsa.ingest.warmup). Shows what that step costs at a pass's ends.
+  ray_pil_iter_torch_batches  diagnostic: ray_pil's dataset consumed through Ray's own
+                    ``iter_torch_batches`` (what Ray's examples do, and dvsa did before) instead
+                    of ``iter_batches`` + ``torch.from_numpy`` (dvsa.ingest.torch_batches).
+  ray_pil_constant_refresh  diagnostic: ray_pil with the resource limits refreshed every 0.1 s
+                    all pass long (each refresh an actor call), where dvsa refreshes that often
+                    only until a pass's limits are known (dvsa.ingest.warmup.RefreshInterval).
+  ray_pil_unawaited_first_answer  diagnostic: ray_pil where a pass starts on the autoscaling
+                    coordinator's empty cache, as Ray's does (one task until the next loop step),
+                    where dvsa waits for the coordinator's first answer of a pass
+                    (dvsa.ingest.warmup.await_first_reservation).
 
 The figure to read is ``ratio_vs_dataloader_same_decode``: each Ray arm's rows/s over the
 DataLoader arm that decodes the same way (ray_pil and ray_actors: dataloader_draft;
@@ -260,24 +270,41 @@ def run_dataloader(loader) -> tuple[int, float]:
 # --------------------------------------------------------------------------- the Ray arm
 
 
-def run_ray(ds, batch_size, threaded_metadata: bool = False) -> tuple[int, float]:
-    """One pass over a Dataset built once and reused across passes, as a TorchTrainer does;
-    ``threaded_metadata``: with Ray Data's default metadata fetcher (the executor of this pass
-    reads the module switch when it starts)."""
+def run_ray(ds, batch_size, threaded_metadata: bool = False, torch_batches: bool = False,
+            constant_refresh: float = 0.0, unawaited_first_answer: bool = False) -> tuple[int, float]:
+    """One pass over a Dataset built once and reused across passes, as a TorchTrainer does,
+    through ``dvsa.ingest.iter_train_batches``. Diagnostics (each restored after the pass; the
+    executor of this pass reads them when it starts): ``threaded_metadata``, Ray Data's default
+    metadata fetcher; ``torch_batches``, batches from Ray's ``iter_torch_batches`` instead;
+    ``constant_refresh`` > 0, the resource limits refreshed at that interval all pass long;
+    ``unawaited_first_answer``, the pass starts on the coordinator's empty cache, as Ray's does."""
     from ray.data._internal.execution import metadata_fetcher
+    from ray.data._internal.execution.resource_manager import ResourceManager
 
-    from dvsa.ingest import iter_train_batches
+    from dvsa.ingest import iter_train_batches, warmup
 
     dvsa_setting = metadata_fetcher._PREFETCH_ON_THREAD
+    dvsa_refresh = ResourceManager.__dict__["GLOBAL_LIMITS_UPDATE_INTERVAL_S"]
+    dvsa_wait = warmup.FIRST_ANSWER_WAIT_S
     metadata_fetcher._PREFETCH_ON_THREAD = threaded_metadata or dvsa_setting
+    if constant_refresh:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = constant_refresh
+    if unawaited_first_answer:
+        warmup.FIRST_ANSWER_WAIT_S = 0.0
     try:
+        if torch_batches:
+            batches = ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
+        else:
+            batches = iter_train_batches(ds, batch_size, "cpu", prefetch_batches=2, epoch=0, seed=0,
+                                         shuffle_buffer=0)
         n, t0, first = 0, time.perf_counter(), None
-        for batch in iter_train_batches(ds, batch_size, "cpu", prefetch_batches=2, epoch=0, seed=0,
-                                        shuffle_buffer=0):
+        for batch in batches:
             n += batch["images"].shape[0]
             first = first if first is not None else time.perf_counter() - t0
     finally:
         metadata_fetcher._PREFETCH_ON_THREAD = dvsa_setting
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = dvsa_refresh
+        warmup.FIRST_ANSWER_WAIT_S = dvsa_wait
     return n, first
 
 
@@ -286,9 +313,16 @@ LOADER_DECODERS = {"dataloader_full": "full", "dataloader_draft": "pil", "datalo
 #: each Ray arm's DataLoader arm with the same decode
 SAME_DECODE = {"ray_pil": "dataloader_draft", "ray_actors": "dataloader_draft",
                "ray_torchvision": "dataloader_torchvision", "ray_pil_no_reservation": "dataloader_draft",
-               "ray_pil_threaded_metadata": "dataloader_draft"}
+               "ray_pil_threaded_metadata": "dataloader_draft", "ray_pil_iter_torch_batches": "dataloader_draft",
+               "ray_pil_constant_refresh": "dataloader_draft", "ray_pil_unawaited_first_answer": "dataloader_draft"}
 ARMS = ("dataloader_full", "dataloader_draft", "dataloader_torchvision", "ray_pil", "ray_torchvision", "ray_actors",
-        "ray_pil_no_reservation", "ray_pil_threaded_metadata")
+        "ray_pil_no_reservation", "ray_pil_threaded_metadata", "ray_pil_iter_torch_batches", "ray_pil_constant_refresh",
+        "ray_pil_unawaited_first_answer")
+#: the diagnostic ray_pil arms and what each changes for its passes (run_ray's keywords)
+RAY_DIAGNOSTICS = {"ray_pil_threaded_metadata": {"threaded_metadata": True},
+                   "ray_pil_iter_torch_batches": {"torch_batches": True},
+                   "ray_pil_constant_refresh": {"constant_refresh": 0.1},
+                   "ray_pil_unawaited_first_answer": {"unawaited_first_answer": True}}
 
 
 def same_decode_ratios(rate: dict[str, float]) -> dict[str, float]:
@@ -336,7 +370,7 @@ def main() -> int:
             # the read runs inside the actors (fused): all C CPUs decode
             "ray_actors": Config().replace(**{**base, "data.decode_pool": "actors"}),
             "ray_pil_no_reservation": Config().replace(**base),
-            "ray_pil_threaded_metadata": Config().replace(**base),
+            **{k: Config().replace(**base) for k in RAY_DIAGNOSTICS},
         }
         spec = IngestSpec(layout="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
         idle_workers = 4 * args.cpus if args.idle_workers is None else args.idle_workers
@@ -356,7 +390,7 @@ def main() -> int:
         if "ray_pil_no_reservation" in datasets:    # this dataset's own context (a copy) only
             datasets["ray_pil_no_reservation"].context.op_resource_reservation_enabled = False
         arms = {**{k: (lambda l=l: run_dataloader(l)) for k, l in loaders.items()},
-                **{k: (lambda d=d, k=k: run_ray(d, args.batch_size, k == "ray_pil_threaded_metadata"))
+                **{k: (lambda d=d, k=k: run_ray(d, args.batch_size, **RAY_DIAGNOSTICS.get(k, {})))
                    for k, d in datasets.items()}}
         arms = {k: arms[k] for k in wanted}
         times: dict[str, list[float]] = {k: [] for k in arms}

@@ -269,39 +269,120 @@ def test_fullframe_and_align_datasets(ray_local, shards):
 
 
 def test_the_process_that_runs_a_dataset_tunes_ray_datas_executor(ray_local, shards):
-    """Ray Data refreshes its CPU limits once a second and starts every pass at one task until
-    then, and emits each block one scheduling step after it sees it (dvsa.ingest.warmup):
-    whichever process unpickles a dvsa dataset to run it (the driver, Train's split coordinator)
-    refreshes the limits every 0.1 s, or as DVSA_RAY_DATA_LIMITS_REFRESH_S says, and fetches
-    block metadata inline, unless its user set Ray's RAY_DATA_METADATA_PREFETCH_ON_THREAD."""
+    """Ray Data starts every pass on an empty answer from its autoscaling coordinator (one task
+    until the next step), refreshes its CPU limits once a second, and emits each block one
+    scheduling step after it sees it (dvsa.ingest.warmup): whichever process unpickles a dvsa
+    dataset to run it (the driver, Train's split coordinator) waits for the coordinator's first
+    answer, refreshes unknown limits every 0.1 s (or as DVSA_RAY_DATA_LIMITS_REFRESH_S says) and
+    known ones at Ray's 1 s, and fetches block metadata inline, unless its user set Ray's
+    RAY_DATA_METADATA_PREFETCH_ON_THREAD."""
     ds = build_dataset(shards, "train", "caption_region", _cfg(), VOCAB, seed=0)
 
     class Executor:                    # a fresh process (its own runtime env), as an actor that runs a dataset
         def settings(self):
             import sys
 
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                DefaultAutoscalingCoordinator,
+            )
             from ray.data._internal.execution import metadata_fetcher
             from ray.data._internal.execution.resource_manager import ResourceManager
-            return (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S, metadata_fetcher._PREFETCH_ON_THREAD,
+            interval = ResourceManager.__dict__["GLOBAL_LIMITS_UPDATE_INTERVAL_S"]
+            return ((getattr(interval, "fast", interval), getattr(interval, "slow", interval)),
+                    metadata_fetcher._PREFETCH_ON_THREAD,
+                    getattr(DefaultAutoscalingCoordinator.get_reserved_resources, "dvsa_awaits_first", False),
                     "dvsa.ingest.shard_source" in sys.modules)
 
         def take(self, holder):
-            return holder[0].take_batch(2, batch_format="numpy")["image_id"].shape, self.settings()[:2]
+            return holder[0].take_batch(2, batch_format="numpy")["image_id"].shape, self.settings()[:3]
 
     def start(env):
         return ray_local.remote(num_cpus=0, runtime_env={"env_vars": env})(Executor).remote()
 
     ex = start({"DVSA_RAY_DATA_LIMITS_REFRESH_S": "0.2"})
-    before = ray_local.get(ex.settings.remote())
-    assert before[2] is False and before[0] != 0.2 and before[1] is True       # Ray's own
-    assert ray_local.get(ex.take.remote([ds])) == ((2,), (0.2, False))
+    assert ray_local.get(ex.settings.remote()) == ((1, 1), True, False, False)      # Ray's own
+    assert ray_local.get(ex.take.remote([ds])) == ((2,), ((0.2, 1.0), False, True))
     # the user's choice of Ray's switch stands
     mine = start({"RAY_DATA_METADATA_PREFETCH_ON_THREAD": "1"})
-    assert ray_local.get(mine.take.remote([ds])) == ((2,), (0.1, True))
+    assert ray_local.get(mine.take.remote([ds])) == ((2,), ((0.1, 1.0), True, True))
     from ray.data._internal.execution import metadata_fetcher
+    from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
     from ray.data._internal.execution.resource_manager import ResourceManager
-    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1          # this driver: the defaults
+
+    from dvsa.ingest.warmup import RefreshInterval, refresh_limits_often
+    interval = ResourceManager.__dict__["GLOBAL_LIMITS_UPDATE_INTERVAL_S"]
+    assert isinstance(interval, RefreshInterval) and (interval.fast, interval.slow) == (0.1, 1.0)   # this driver
     assert metadata_fetcher._PREFETCH_ON_THREAD is False
+    # a resource manager reads the interval for its own limits: short until they are known
+    manager = ResourceManager.__new__(ResourceManager)
+    manager._global_limits = ExecutionResources.zero()
+    assert manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1
+    manager._global_limits = ExecutionResources(cpu=2, object_store_memory=1e9)
+    assert manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 1.0
+    manager._global_limits = ExecutionResources(cpu=0, object_store_memory=1e9)   # known: no CPU left to Data
+    assert manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 1.0
+    assert refresh_limits_often() is not None                                      # applied again: Ray's 1 s kept
+    assert ResourceManager.__dict__["GLOBAL_LIMITS_UPDATE_INTERVAL_S"].slow == 1.0
+
+
+def test_a_pass_starts_on_the_coordinators_first_answer(ray_local):
+    """Ray Data's coordinator client returns the answer cached from its previous question, so a
+    pass's first question gets nothing. dvsa's waits for the first answer of each pass (up to
+    FIRST_ANSWER_WAIT_S, once: a coordinator with nothing to give is not asked to wait again),
+    and again after the pass ends (cancel_request empties the cache)."""
+    import time
+
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        DefaultAutoscalingCoordinator,
+    )
+
+    from dvsa.ingest import warmup
+
+    assert warmup.await_first_reservation() is True           # applied on import, and idempotent
+    reserved = {"node-1": {"CPU": 2.0}}
+
+    @ray_local.remote(num_cpus=0)
+    class Coordinator:                 # the coordinator actor's two calls the client makes here
+        def __init__(self, answer, delay):
+            self.answer, self.delay, self.asked = answer, delay, 0
+
+        def get_reserved_resources(self, requester_id):
+            self.asked += 1
+            time.sleep(self.delay)
+            return self.answer
+
+        def cancel_request(self, requester_id):
+            pass
+
+        def questions(self):
+            return self.asked
+
+    def coordinator(answer, delay):    # started: its process's start-up is not the answer's time
+        actor = Coordinator.remote(answer, delay)
+        ray_local.get(actor.questions.remote())
+        return actor
+
+    client = DefaultAutoscalingCoordinator("pass-1", autoscaling_coordinator_actor=coordinator(reserved, 0.02))
+    assert client.get_reserved_resources() == reserved          # Ray's client alone: {} (the empty cache)
+    client.cancel_request()                                     # the pass ends
+    assert client.get_reserved_resources() == reserved          # the next pass waits again
+
+    empty = coordinator({}, 0.0)
+    client = DefaultAutoscalingCoordinator("pass-2", autoscaling_coordinator_actor=empty)
+    t = time.perf_counter()
+    assert client.get_reserved_resources() == {}
+    assert time.perf_counter() - t < 5 * warmup.FIRST_ANSWER_WAIT_S       # bounded by the wait
+    asked = ray_local.get(empty.questions.remote())
+    for _ in range(3):                                          # asked once per pass: no more waits
+        assert client.get_reserved_resources() == {}
+    assert ray_local.get(empty.questions.remote()) <= asked + 3
+
+    saved, warmup.FIRST_ANSWER_WAIT_S = warmup.FIRST_ANSWER_WAIT_S, 0.0
+    try:                                                        # 0: Ray's behaviour
+        client = DefaultAutoscalingCoordinator("pass-3", autoscaling_coordinator_actor=coordinator(reserved, 0.0))
+        assert client.get_reserved_resources() == {}
+    finally:
+        warmup.FIRST_ANSWER_WAIT_S = saved
 
 
 def test_validation_is_unshuffled_and_whole(ray_local, shards):

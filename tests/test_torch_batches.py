@@ -3,6 +3,7 @@ iterators ask of a Ray Data iterator (seeded shuffle per epoch, order kept for e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dvsa.ingest.dataset import mix_seed
@@ -17,15 +18,16 @@ from dvsa.ingest.torch_batches import (
 
 
 class _Shard:
-    """Stands for ``ray.train.get_dataset_shard``: records the call, yields two batches."""
+    """Stands for ``ray.train.get_dataset_shard``: records the call, yields two numpy batches."""
 
     def __init__(self):
         self.kwargs = None
+        self.batches = [{"x": np.arange(3), "images": np.zeros((3, 3, 2, 2), np.uint8)},
+                        {"x": np.arange(3, 5), "images": np.ones((2, 3, 2, 2), np.uint8)}]
 
-    def iter_torch_batches(self, **kwargs):
+    def iter_batches(self, **kwargs):
         self.kwargs = kwargs
-        yield {"x": torch.arange(3)}
-        yield {"x": torch.arange(3, 5)}
+        yield from self.batches
 
 
 def test_normalize_images_is_imagenet_standardisation():
@@ -46,10 +48,22 @@ def test_train_batches_shuffle_with_the_epochs_seed():
     batches = list(iter_train_batches(shard, 3, "cpu", prefetch_batches=4, epoch=2, seed=7, shuffle_buffer=64,
                                       drop_last=True))
     assert [b["x"].tolist() for b in batches] == [[0, 1, 2], [3, 4]]
-    assert shard.kwargs == {"batch_size": 3, "prefetch_batches": 4, "device": "cpu", "drop_last": True,
-                            "pin_memory": False, "local_shuffle_buffer_size": 64,
-                            "local_shuffle_seed": mix_seed(7, 2)}
+    assert shard.kwargs == {"batch_format": "numpy", "batch_size": 3, "prefetch_batches": 4, "drop_last": True,
+                            "local_shuffle_buffer_size": 64, "local_shuffle_seed": mix_seed(7, 2)}
     assert mix_seed(7, 2) != mix_seed(7, 3)
+
+
+def test_cpu_batches_are_tensors_over_the_numpy_batches_memory():
+    """On the CPU the numpy batches become tensors without a copy (torch.from_numpy), with
+    their dtypes (dvsa.ingest.torch_batches: cheaper per batch than iter_torch_batches)."""
+    shard = _Shard()
+    batches = list(iter_train_batches(shard, 3, "cpu", shuffle_buffer=0))
+    for got, src in zip(batches, shard.batches):
+        assert set(got) == set(src)
+        for k, t in got.items():
+            assert isinstance(t, torch.Tensor) and t.dtype == torch.from_numpy(src[k]).dtype
+            assert t.data_ptr() == src[k].ctypes.data          # the same memory
+            assert np.array_equal(t.numpy(), src[k])
 
 
 def test_eval_batches_keep_order_and_every_row():

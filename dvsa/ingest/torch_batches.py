@@ -45,8 +45,8 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _pinned_tensors(batch: dict, pin: bool) -> dict:
-    """A numpy batch with a ``jpeg`` bytes column -> torch tensors (pinned when ``pin``), the
-    JPEG bytes as a list."""
+    """A numpy batch -> torch tensors sharing its memory (pinned copies when ``pin``); a ``jpeg``
+    bytes column -> a list of bytes."""
     import warnings
 
     import torch
@@ -74,10 +74,11 @@ def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop
     kwargs = dict(batch_size=batch_size, prefetch_batches=prefetch_batches, drop_last=drop_last,
                   local_shuffle_buffer_size=shuffle_buffer or None,
                   local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
-    if jpeg_size:   # a bytes column: iter_torch_batches cannot convert it
-        batches = (_pinned_tensors(b, cuda) for b in dataset_shard.iter_batches(batch_format="numpy", **kwargs))
-    else:
-        batches = dataset_shard.iter_torch_batches(device="cpu", pin_memory=cuda, **kwargs)
+    # numpy batches made tensors here (torch.from_numpy: no copy), not iter_torch_batches, whose
+    # per-batch, per-column conversion (a thread pool's map) costs the consuming process ~0.5 ms
+    # a batch more (docs/ingest.md, "Where the wall time goes"), and which cannot carry the
+    # ``jpeg`` bytes column
+    batches = (_pinned_tensors(b, cuda) for b in dataset_shard.iter_batches(batch_format="numpy", **kwargs))
     for batch in batches:
         jpegs = batch.pop("jpeg", None)
         batch = _to_device(batch, device)
