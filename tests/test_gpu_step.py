@@ -219,11 +219,13 @@ def _bool_index(index) -> bool:
 
 
 class _Shard:
+    """Stands for a dataset shard: its batches as Ray Data's numpy batches."""
+
     def __init__(self, batches):
         self.batches = batches
 
-    def iter_torch_batches(self, **_kwargs):
-        return iter(self.batches)
+    def iter_batches(self, **_kwargs):
+        return ({k: v.numpy() for k, v in b.items()} for b in self.batches)
 
 
 def test_the_loop_reads_the_loss_once_per_log_window_not_per_step():
