@@ -44,23 +44,20 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _pinned_tensors(batch: dict, pin: bool) -> dict:
+def _tensors(batch: dict, pin: bool) -> dict:
     """A numpy batch -> torch tensors sharing its memory (pinned copies when ``pin``); a ``jpeg``
     bytes column -> a list of bytes."""
     import warnings
 
     import torch
 
-    out: dict = {}
-    for k, v in batch.items():
-        if k == "jpeg":
-            out[k] = list(v)
-            continue
-        with warnings.catch_warnings():   # Arrow-backed arrays are read-only; the loop never writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(v)
-        out[k] = t.pin_memory() if pin else t
-    return out
+    def tensor(v):
+        t = torch.from_numpy(v)
+        return t.pin_memory() if pin else t
+
+    with warnings.catch_warnings():   # Arrow-backed arrays are read-only; the loop never writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: list(v) if k == "jpeg" else tensor(v) for k, v in batch.items()}
 
 
 def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop_last: bool,
@@ -76,10 +73,9 @@ def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop
                   local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
     # numpy batches made tensors here (torch.from_numpy: no copy), not iter_torch_batches, whose
     # per-batch, per-column conversion (a thread pool's map) costs the consuming process ~0.5 ms
-    # a batch more (docs/ingest.md, "Where the wall time goes"), and which cannot carry the
-    # ``jpeg`` bytes column
-    batches = (_pinned_tensors(b, cuda) for b in dataset_shard.iter_batches(batch_format="numpy", **kwargs))
-    for batch in batches:
+    # a batch more (docs/ingest.md, "Consumer"), and which cannot carry the ``jpeg`` bytes column
+    for numpy_batch in dataset_shard.iter_batches(batch_format="numpy", **kwargs):
+        batch = _tensors(numpy_batch, cuda)
         jpegs = batch.pop("jpeg", None)
         batch = _to_device(batch, device)
         if jpegs is not None:
