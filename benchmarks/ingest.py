@@ -1,8 +1,10 @@
 """Ingest throughput: the Ray Data pipeline vs webdataset + torch DataLoader, same shards, same CPUs.
 
-Every arm does the same work per image: read the tar, parse the json, decode the JPEG, resize
-to S x S (uint8 CHW), map the region boxes, encode the region captions, pad, and hand the train
-loop torch batches of B rows. Arms:
+Every arm does the same work per image: read the tar, parse the json, check the boxes, draw the
+regions (seeded, as for a train split), decode the JPEG, resize to S x S (uint8 CHW), map the
+region boxes, encode the region captions, pad, and hand the train loop torch batches of B rows.
+The DataLoader arms call the Ray arms' per-sample code (``BatchBuilder._checked_row``) under the
+same spec (``dvsa.ingest.dataset.ingest_spec``). Arms:
 
   dataloader_full   webdataset + DataLoader(num_workers=C), PIL full-size decode + resize
                     (what one writes by default: the baseline)
@@ -78,6 +80,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -212,34 +215,38 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 
 
 class _WdsRows:
-    """webdataset pipeline stage: raw sample -> the same row dict BatchBuilder makes.
-    ``decoder``: ``full`` (PIL full-size decode + resize) or a ``data.jpeg_decoder`` of the Ray arms."""
+    """webdataset pipeline stage: raw sample -> the row the Ray arms' builder makes of it, by the
+    same per-sample code (``BatchBuilder._checked_row``: json, box checks, the training set's
+    seeded draw of regions, decode, boxes, tokens) under the same spec (``ingest_spec`` of the
+    Ray arms' config, ``randomize=True`` as for a train split). ``decoder``: ``full`` (PIL
+    full-size decode + resize) or a ``data.jpeg_decoder`` of the Ray arms. The draws use pass 0
+    every pass (a DataLoader worker does not know the epoch); what they cost does not depend on it."""
 
     def __init__(self, spec, vocab, decoder: str):
-        self.spec, self.vocab, self.full, self.decoder = spec, vocab, decoder == "full", decoder
+        self.spec, self.vocab, self.decoder = spec, vocab, decoder
+        self._builder = None
 
     def __call__(self, sample):
-        from PIL import Image
-
+        from dvsa.data.shards import RawSample
         from dvsa.ingest.builder import BatchBuilder
-        from dvsa.ingest.decode import decode_resize
 
-        b = BatchBuilder(self.spec, self.vocab)
-        meta = json.loads(sample["json"])
-        if self.full:   # the default: decode at full size, then resize (PIL, bilinear)
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
-                w, h = im.size
-                rgb = im.convert("RGB").resize((self.spec.image_size,) * 2, Image.BILINEAR)
-            img = np.asarray(rgb).transpose(2, 0, 1).copy()
-        else:
-            img, (w, h) = decode_resize(sample["jpg"], self.spec.image_size, self.decoder)
-        from dvsa.ingest.samples import select
+        if self._builder is None:            # made in the worker, on its first sample
+            full = self.decoder == "full"
+            self._builder = BatchBuilder(replace(self.spec, decoder="pil" if full else self.decoder), self.vocab)
+            if full:
+                self._builder._decode = lambda jpg, out: _decode_full(jpg, self.spec.image_size)
+        raw = RawSample(sample["__key__"], sample["jpg"], json.loads(sample["json"]), "")
+        return self._builder._checked_row(raw, 0)
 
-        sel = select(self.spec.layout, meta, self.spec.rows, None)
-        row = {"images": img, "image_id": np.int64(meta["image_id"])}
-        row.update(b._boxes(meta, sel, w, h))
-        row.update(b._tokens(sel))
-        return row
+
+def _decode_full(jpg: bytes, size: int):
+    """The decode a user writes by default: PIL at full size, then the same bilinear resize."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpg)) as im:
+        w, h = im.size
+        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb).transpose(2, 0, 1).copy(), (w, h)
 
 
 def _collate(rows):
@@ -354,7 +361,7 @@ def main() -> int:
     load_before = os.getloadavg()
     from dvsa.config import Config
     from dvsa.data.shards import list_shards, load_vocab
-    from dvsa.ingest.builder import IngestSpec
+    from dvsa.ingest.dataset import ingest_spec
 
     work = tempfile.mkdtemp(prefix="dvsa-bench-ingest-", dir="/tmp")
     try:
@@ -372,7 +379,8 @@ def main() -> int:
             "ray_pil_no_reservation": Config().replace(**base),
             **{k: Config().replace(**base) for k in RAY_DIAGNOSTICS},
         }
-        spec = IngestSpec(layout="caption_region", image_size=args.size, rows=10, max_len=16, randomize=False)
+        # the DataLoader arms' per-sample work: the Ray arms' (a train split: seeded draws)
+        spec = ingest_spec("caption_region", Config().replace(**base), seed=0, epoch=0, randomize=True)
         idle_workers = 4 * args.cpus if args.idle_workers is None else args.idle_workers
         if idle_workers:   # read by the raylet at start (RayConfig num_workers_soft_limit)
             os.environ["RAY_num_workers_soft_limit"] = str(idle_workers)

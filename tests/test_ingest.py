@@ -198,6 +198,41 @@ def test_read_tasks_decode_chunks_across_shard_boundaries():
     assert len(empty) == 1 and set(empty[0]) == set(whole) and empty[0]["images"].shape == (0, 3, S, S)
 
 
+def test_seeded_draws_are_uniform_subsets_the_same_in_every_process():
+    import os
+    import subprocess
+    import sys
+
+    from dvsa.ingest.samples import SampleDraws, select
+
+    a = SampleDraws(7, 3, "vg_000001")
+    assert [SampleDraws(7, 3, "vg_000001").subset(12, 10) for _ in range(3)] == [a.subset(12, 10)] * 3
+    draws = [SampleDraws(0, 0, f"k{i}").subset(12, 10) for i in range(3000)]
+    assert all(d == sorted(set(d)) and len(d) == 10 and 0 <= d[0] and d[-1] < 12 for d in draws)
+    # every region is left out ~2/12 of the time; sampling error at 3000 draws is ~0.7%
+    left_out = Counter(i for d in draws for i in set(range(12)) - set(d))
+    assert all(abs(left_out[i] / 3000 - 2 / 12) < 0.03 for i in range(12)), left_out
+    # a new pass or seed draws anew (two different 10-of-12 subsets of 1000 samples: all but never equal)
+    def subsets(seed, pass_):
+        return [SampleDraws(seed, pass_, f"k{i}").subset(12, 10) for i in range(1000)]
+    assert sum(x != y for x, y in zip(subsets(0, 0), subsets(0, 1))) > 800
+    assert sum(x != y for x, y in zip(subsets(0, 0), subsets(1, 0))) > 800
+    indices = Counter(SampleDraws(0, 0, f"k{i}").index(5) for i in range(2000))
+    assert set(indices) == set(range(5)) and min(indices.values()) > 300
+    # the same draws in another process, whatever its hash seed (a read task, a DataLoader worker)
+    code = ("from dvsa.ingest.samples import SampleDraws; "
+            "print(SampleDraws(7, 3, 'vg_000001').subset(12, 10), SampleDraws(7, 3, 'vg_000001').index(5))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == f"{SampleDraws(7, 3, 'vg_000001').subset(12, 10)} {SampleDraws(7, 3, 'vg_000001').index(5)}"
+    # a row of the train split draws its regions; the first ones otherwise
+    meta = _meta(0, 100, 80, n_regions=12)
+    drawn = select("caption_region", meta, 10, SampleDraws(0, 0, "s0"))
+    first = select("caption_region", meta, 10, None)
+    assert [b for _, b in first.boxes] == list(range(10))
+    assert [b for _, b in drawn.boxes] == SampleDraws(0, 0, "s0").subset(12, 10)
+
+
 def test_row_bytes_matches_a_built_row():
     for task, rows in (("caption_region", 2), ("align", 3)):
         spec = IngestSpec(layout=task, image_size=S, rows=rows, max_len=5, randomize=False)

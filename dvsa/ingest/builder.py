@@ -11,9 +11,10 @@ Input columns (``read_webdataset(decoder=None)``): ``jpg`` (or ``npy`` for featu
 - ``data.jpeg_decoder=gpu``: ``jpeg`` (an object column of the stored JPEG bytes, checked and
   sized from the header only) in place of ``images``: the train worker decodes the batch.
 
-Seeded draws (which regions, which sentence) use ``numpy.random.default_rng([seed, epoch +
-pass, crc32(key)])``, where ``pass`` is Ray Data's execution index of the dataset, so one
-Dataset object iterated once per epoch draws differently every epoch yet reproducibly.
+Seeded draws (which regions, which sentence) are seeded by ``(seed, epoch + pass, key)``
+(:class:`dvsa.ingest.samples.SampleDraws`), where ``pass`` is Ray Data's execution index of the
+dataset, so one Dataset object iterated once per epoch draws differently every epoch yet
+reproducibly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dvsa.ingest.samples import (
     LOST_COLUMN,
     TRUNCATED_SHARD,
     RowLayout,
+    SampleDraws,
     Selection,
     Skip,
     box_of,
@@ -158,8 +160,7 @@ class BatchBuilder:
         if meta is None:
             raise Skip(BAD_JSON, sample.error)
         check_boxes(meta)
-        rng = (np.random.default_rng([spec.seed, spec.epoch + pass_idx, zlib.crc32(key.encode())])
-               if spec.randomize else None)
+        rng = SampleDraws(spec.seed, spec.epoch + pass_idx, key) if spec.randomize else None
         sel = select(spec.layout, meta, spec.rows, rng, whole_image=spec.whole_image)
         row: dict = {"image_id": _image_id(meta, key)}
         if spec.features:
@@ -180,12 +181,17 @@ class BatchBuilder:
             row["jpeg"] = payload
         else:
             try:
-                row["images"], (width, height) = decode_resize(payload, spec.image_size, spec.decoder, out=image_out)
+                row["images"], (width, height) = self._decode(payload, image_out)
             except CorruptImage as e:
                 raise Skip("corrupt_image", str(e)) from None
         row.update(self._boxes(meta, sel, width, height))
         row.update(self._tokens(sel))
         return row
+
+    def _decode(self, jpg: bytes, out: Optional[np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
+        """``(uint8[3, S, S], (width, height))`` of one JPEG with the spec's decoder
+        (:func:`dvsa.ingest.decode.decode_resize`, into ``out`` when given)."""
+        return decode_resize(jpg, self.spec.image_size, self.spec.decoder, out=out)
 
     def _boxes(self, meta: dict, sel: Selection, width: int, height: int) -> dict:
         spec = self.spec

@@ -49,6 +49,17 @@ def rows_per_image(layout: str, cfg: Config) -> int:
     return cfg.data.max_regions
 
 
+def ingest_spec(layout: str, cfg: Config, *, seed: int = 0, epoch: int = 0, randomize: bool = True,
+                feat_dim: int = 0) -> IngestSpec:
+    """What :func:`build_dataset` does to each sample of ``layout`` (a resolved layout) under
+    ``cfg``: rows, caption length, decoder, seeded draws (``randomize``: training) or the first
+    ones. ``feat_dim``: D of ``cfg.data.features`` (0 for JPEG shards)."""
+    return IngestSpec(layout=layout, image_size=cfg.data.image_size, rows=rows_per_image(layout, cfg),
+                      max_len=cfg.data.max_len, seed=int(seed), epoch=int(epoch), randomize=bool(randomize),
+                      decoder=cfg.data.jpeg_decoder, features=bool(cfg.data.features), feat_dim=int(feat_dim),
+                      whole_image=bool(cfg.align.whole_image))
+
+
 def caption_len(cfg) -> int:
     """T of caption ``inputs``/``targets``: ``data.max_len - 1`` (the sequence shifted by one)."""
     return cfg.data.max_len - 1
@@ -111,10 +122,7 @@ def build_dataset(shards_root_or_url: str, split: str, layout: str, cfg: Config,
     else:
         root, suffixes = shards_root_or_url, ["jpg", "json"]
     paths = dataset_paths(root, split)
-    spec = IngestSpec(layout=layout, image_size=cfg.data.image_size, rows=rows_per_image(layout, cfg),
-                      max_len=cfg.data.max_len, seed=int(seed), epoch=int(epoch), randomize=shuffle,
-                      decoder=cfg.data.jpeg_decoder, features=bool(features), feat_dim=feat_dim,
-                      whole_image=bool(cfg.align.whole_image))
+    spec = ingest_spec(layout, cfg, seed=seed, epoch=epoch, randomize=shuffle, feat_dim=feat_dim)
     counter = skip_counter if skip_counter is not None else SkipCounter()
 
     file_shuffle = FileShuffleConfig(seed=mix_seed(seed, epoch), reseed_after_execution=True) if shuffle else None

@@ -13,7 +13,7 @@ Tasks and their shapes (R rows of boxes, T token positions):
   ``inputs``/``targets`` ``[R, T]`` with ``T = data.max_len - 1`` (``[START, w...]`` and
   ``[w..., END]``, zero-padded).
 - ``caption_fullframe``: R = 1, the whole image, one full-image sentence (drawn with the
-  seeded rng in training, the first one otherwise).
+  sample's seeded draws, :class:`SampleDraws`, in training, the first one otherwise).
 - ``align``: the whole image first, then up to ``data.max_regions - 1`` detection proposals in
   stored order (the region boxes when a sample has no proposals); with
   ``align.whole_image=false`` up to ``data.max_regions`` proposals and no whole image (unless
@@ -27,6 +27,7 @@ A sample that cannot make a row raises :class:`Skip` with a reason that the call
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
@@ -69,13 +70,34 @@ def _has_tokens(entry: dict) -> bool:
     return isinstance(toks, list) and len(toks) > 0
 
 
-def _pick(n: int, k: int, rng: Optional[np.random.Generator]) -> list[int]:
-    """k of range(n): a seeded random subset (kept in order) when rng is given, else the first k."""
+class SampleDraws:
+    """The seeded random draws of one sample in one pass (which regions, which sentence),
+    seeded by ``(seed, pass, key)`` alone: a sample draws the same in any task, process or
+    chunk, and anew every pass. A ``random.Random`` seeded with that text (hashed with SHA-512,
+    the same in every process): inside the decode loop it costs ~30 us a sample, where numpy's
+    ``default_rng`` + ``choice`` cost ~100 us (7% of a decoded sample's CPU; docs/ingest.md)."""
+
+    __slots__ = ("_random",)
+
+    def __init__(self, seed: int, pass_: int, key: str):
+        self._random = random.Random(f"{int(seed)}/{int(pass_)}/{key}")
+
+    def subset(self, n: int, k: int) -> list[int]:
+        """k distinct indices of range(n), in increasing order (0 < k <= n)."""
+        return sorted(self._random.sample(range(n), k))
+
+    def index(self, n: int) -> int:
+        """One index of range(n) (n >= 1)."""
+        return self._random.randrange(n)
+
+
+def _pick(n: int, k: int, draws: Optional[SampleDraws]) -> list[int]:
+    """k of range(n): a seeded random subset (kept in order) when ``draws`` is given, else the first k."""
     if n <= k:
         return list(range(n))
-    if rng is None:
+    if draws is None:
         return list(range(k))
-    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+    return draws.subset(n, k)
 
 
 def _numbers(b) -> bool:
@@ -122,9 +144,10 @@ def align_boxes(meta: dict, rows: int, whole_image: bool = True) -> list[tuple[s
     return [("image", 0)] + cands[: rows - 1]
 
 
-def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[np.random.Generator],
+def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[SampleDraws],
            whole_image: bool = True) -> Selection:
     """The boxes and captions of one row; raises Skip when the sample has nothing usable.
+    ``rng``: the sample's seeded draws (training), or None for the first ones.
 
     ``whole_image`` (``align.whole_image``, align only): see :func:`align_boxes`."""
     regions = meta.get("regions") or []
@@ -138,7 +161,7 @@ def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[np.random.Gen
         sentences = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
         if not sentences:
             raise Skip("no_sentence")
-        j = 0 if rng is None else int(rng.integers(len(sentences)))
+        j = 0 if rng is None else rng.index(len(sentences))
         return Selection([("image", 0)], [sentences[j]["tokens"]])
     if layout == "align":
         pool = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
@@ -146,7 +169,7 @@ def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[np.random.Gen
             pool = [r for r in regions if _has_tokens(r)]
         if not pool:
             raise Skip("no_sentence")
-        j = 0 if rng is None else int(rng.integers(len(pool)))
+        j = 0 if rng is None else rng.index(len(pool))
         return Selection(align_boxes(meta, rows, whole_image), [pool[j]["tokens"]])
     raise ValueError(f"unknown row layout {layout!r} (allowed: {', '.join(LAYOUTS)})")
 
