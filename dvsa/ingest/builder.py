@@ -160,8 +160,8 @@ class BatchBuilder:
         if meta is None:
             raise Skip(BAD_JSON, sample.error)
         check_boxes(meta)
-        rng = SampleDraws(spec.seed, spec.epoch + pass_idx, key) if spec.randomize else None
-        sel = select(spec.layout, meta, spec.rows, rng, whole_image=spec.whole_image)
+        draws = SampleDraws(spec.seed, spec.epoch + pass_idx, key) if spec.randomize else None
+        sel = select(spec.layout, meta, spec.rows, draws, whole_image=spec.whole_image)
         row: dict = {"image_id": _image_id(meta, key)}
         if spec.features:
             feats = _load_npy(payload)

@@ -109,12 +109,13 @@ def _decode_pil(jpg: bytes, size: int, out: "np.ndarray | None" = None) -> tuple
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(jpg)) as im:
-            width, height = im.size
-            if im.format == "JPEG":
-                im.draft("RGB", (size, size))       # reduced-size IDCT; keeps both sides >= size
-            # decode now: a truncated JPEG opens fine and fails only here
-            rgb = im.convert("RGB")
+        # from bytes in memory: no file to close (closing an image releases its pixels)
+        im = Image.open(io.BytesIO(jpg))
+        width, height = im.size
+        if im.format == "JPEG":
+            im.draft("RGB", (size, size))           # reduced-size IDCT; keeps both sides >= size
+        im.load()                 # decode now: a truncated JPEG opens fine and fails only here
+        rgb = im if im.mode == "RGB" else im.convert("RGB")     # convert("RGB") of RGB copies it
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise CorruptImage(f"{type(e).__name__}: {e}") from None
     if rgb.size != (size, size):

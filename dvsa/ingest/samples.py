@@ -144,10 +144,10 @@ def align_boxes(meta: dict, rows: int, whole_image: bool = True) -> list[tuple[s
     return [("image", 0)] + cands[: rows - 1]
 
 
-def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[SampleDraws],
+def select(layout: RowLayout, meta: dict, rows: int, draws: Optional[SampleDraws],
            whole_image: bool = True) -> Selection:
     """The boxes and captions of one row; raises Skip when the sample has nothing usable.
-    ``rng``: the sample's seeded draws (training), or None for the first ones.
+    ``draws``: the sample's seeded draws (training), or None for the first ones.
 
     ``whole_image`` (``align.whole_image``, align only): see :func:`align_boxes`."""
     regions = meta.get("regions") or []
@@ -155,13 +155,13 @@ def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[SampleDraws],
         usable = [i for i, r in enumerate(regions) if _has_tokens(r)]
         if not usable:
             raise Skip("no_region_caption")
-        chosen = [usable[j] for j in _pick(len(usable), rows, rng)]
+        chosen = [usable[j] for j in _pick(len(usable), rows, draws)]
         return Selection([("region", i) for i in chosen], [regions[i]["tokens"] for i in chosen])
     if layout == "caption_fullframe":
         sentences = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
         if not sentences:
             raise Skip("no_sentence")
-        j = 0 if rng is None else rng.index(len(sentences))
+        j = 0 if draws is None else draws.index(len(sentences))
         return Selection([("image", 0)], [sentences[j]["tokens"]])
     if layout == "align":
         pool = [s for s in (meta.get("sentences") or []) if _has_tokens(s)]
@@ -169,7 +169,7 @@ def select(layout: RowLayout, meta: dict, rows: int, rng: Optional[SampleDraws],
             pool = [r for r in regions if _has_tokens(r)]
         if not pool:
             raise Skip("no_sentence")
-        j = 0 if rng is None else rng.index(len(pool))
+        j = 0 if draws is None else draws.index(len(pool))
         return Selection(align_boxes(meta, rows, whole_image), [pool[j]["tokens"]])
     raise ValueError(f"unknown row layout {layout!r} (allowed: {', '.join(LAYOUTS)})")
 
