@@ -11,7 +11,8 @@ same spec (``dvsa.ingest.dataset.ingest_spec``). Arms:
   dataloader_draft  the same, with our reduced-size decode (PIL draft): ray_pil's decode
   dataloader_torchvision  the same, with torchvision.io.decode_jpeg + resize: ray_torchvision's
   ray_pil           build_dataset (ShardDatasource read -> map_batches tasks, PIL draft)
-                    -> iter_train_batches (local shuffle buffer off)
+                    -> iter_train_batches (local shuffle buffer off; --shuffle-buffer N: dvsa.ingest.row_shuffle
+                    on the Ray arms, webdataset's shuffle of raw samples on the DataLoader arms)
   ray_torchvision   the same with torchvision.io.decode_jpeg + v2 resize
   ray_actors        the same as ray_pil with an actor pool of C decoders (the read is fused
                     into the actors, so it needs no CPU of its own)
@@ -36,6 +37,9 @@ same spec (``dvsa.ingest.dataset.ingest_spec``). Arms:
                     coordinator's empty cache, as Ray's does (one task until the next loop step),
                     where dvsa waits for the coordinator's first answer of a pass
                     (dvsa.ingest.warmup.await_first_reservation).
+  ray_pil_ray_shuffle  diagnostic (with --shuffle-buffer): ray_pil's rows drawn through Ray Data's
+                    own local shuffle buffer (``iter_batches(local_shuffle_buffer_size=...)``),
+                    where dvsa draws them through dvsa.ingest.row_shuffle (one copy per row).
 
 The figure to read is ``ratio_vs_dataloader_same_decode``: each Ray arm's rows/s over the
 DataLoader arm that decodes the same way (ray_pil and ray_actors: dataloader_draft;
@@ -255,13 +259,17 @@ def _collate(rows):
     return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if not k.startswith("__")}
 
 
-def make_loader(urls, spec, vocab, batch_size, workers, decoder):
-    """One DataLoader reused across passes (persistent workers), as one trains epochs."""
+def make_loader(urls, spec, vocab, batch_size, workers, decoder, shuffle_buffer: int = 0):
+    """One DataLoader reused across passes (persistent workers), as one trains epochs.
+    ``shuffle_buffer`` > 0: raw samples drawn through webdataset's shuffle buffer of that many
+    samples in each worker (filled before the first draw), as the Ray arms' rows are."""
     import torch
     import webdataset as wds
 
-    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-          .map(_WdsRows(spec, vocab, decoder)).batched(batch_size, collation_fn=_collate, partial=True))
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    if shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, initial=shuffle_buffer)
+    ds = ds.map(_WdsRows(spec, vocab, decoder)).batched(batch_size, collation_fn=_collate, partial=True)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2,
                                        persistent_workers=True)
 
@@ -278,17 +286,22 @@ def run_dataloader(loader) -> tuple[int, float]:
 
 
 def run_ray(ds, batch_size, threaded_metadata: bool = False, torch_batches: bool = False,
-            constant_refresh: float = 0.0, unawaited_first_answer: bool = False) -> tuple[int, float]:
+            constant_refresh: float = 0.0, unawaited_first_answer: bool = False,
+            shuffle_buffer: int = 0, ray_shuffle: bool = False) -> tuple[int, float]:
     """One pass over a Dataset built once and reused across passes, as a TorchTrainer does,
     through ``dvsa.ingest.iter_train_batches``. Diagnostics (each restored after the pass; the
     executor of this pass reads them when it starts): ``threaded_metadata``, Ray Data's default
     metadata fetcher; ``torch_batches``, batches from Ray's ``iter_torch_batches`` instead;
     ``constant_refresh`` > 0, the resource limits refreshed at that interval all pass long;
-    ``unawaited_first_answer``, the pass starts on the coordinator's empty cache, as Ray's does."""
+    ``unawaited_first_answer``, the pass starts on the coordinator's empty cache, as Ray's does.
+    ``shuffle_buffer`` > 0: rows drawn through Ray Data's local shuffle buffer of that many rows
+    (``iter_train_batches``' training default is 256); ``ray_shuffle``, through Ray Data's local
+    shuffle buffer instead of dvsa's."""
     from ray.data._internal.execution import metadata_fetcher
     from ray.data._internal.execution.resource_manager import ResourceManager
 
     from dvsa.ingest import iter_train_batches, warmup
+    from dvsa.ingest.torch_batches import _tensors
 
     dvsa_setting = metadata_fetcher._PREFETCH_ON_THREAD
     dvsa_refresh = ResourceManager.__dict__["GLOBAL_LIMITS_UPDATE_INTERVAL_S"]
@@ -299,11 +312,16 @@ def run_ray(ds, batch_size, threaded_metadata: bool = False, torch_batches: bool
     if unawaited_first_answer:
         warmup.FIRST_ANSWER_WAIT_S = 0.0
     try:
-        if torch_batches:
-            batches = ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
+        if ray_shuffle and shuffle_buffer:
+            batches = (_tensors(b, False) for b in ds.iter_batches(
+                batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
+                local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=0))
+        elif torch_batches:
+            batches = ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
+                                            local_shuffle_buffer_size=shuffle_buffer or None)
         else:
             batches = iter_train_batches(ds, batch_size, "cpu", prefetch_batches=2, epoch=0, seed=0,
-                                         shuffle_buffer=0)
+                                         shuffle_buffer=shuffle_buffer)
         n, t0, first = 0, time.perf_counter(), None
         for batch in batches:
             n += batch["images"].shape[0]
@@ -321,15 +339,17 @@ LOADER_DECODERS = {"dataloader_full": "full", "dataloader_draft": "pil", "datalo
 SAME_DECODE = {"ray_pil": "dataloader_draft", "ray_actors": "dataloader_draft",
                "ray_torchvision": "dataloader_torchvision", "ray_pil_no_reservation": "dataloader_draft",
                "ray_pil_threaded_metadata": "dataloader_draft", "ray_pil_iter_torch_batches": "dataloader_draft",
-               "ray_pil_constant_refresh": "dataloader_draft", "ray_pil_unawaited_first_answer": "dataloader_draft"}
+               "ray_pil_constant_refresh": "dataloader_draft", "ray_pil_unawaited_first_answer": "dataloader_draft",
+               "ray_pil_ray_shuffle": "dataloader_draft"}
 ARMS = ("dataloader_full", "dataloader_draft", "dataloader_torchvision", "ray_pil", "ray_torchvision", "ray_actors",
         "ray_pil_no_reservation", "ray_pil_threaded_metadata", "ray_pil_iter_torch_batches", "ray_pil_constant_refresh",
-        "ray_pil_unawaited_first_answer")
+        "ray_pil_unawaited_first_answer", "ray_pil_ray_shuffle")
 #: the diagnostic ray_pil arms and what each changes for its passes (run_ray's keywords)
 RAY_DIAGNOSTICS = {"ray_pil_threaded_metadata": {"threaded_metadata": True},
                    "ray_pil_iter_torch_batches": {"torch_batches": True},
                    "ray_pil_constant_refresh": {"constant_refresh": 0.1},
-                   "ray_pil_unawaited_first_answer": {"unawaited_first_answer": True}}
+                   "ray_pil_unawaited_first_answer": {"unawaited_first_answer": True},
+                   "ray_pil_ray_shuffle": {"ray_shuffle": True}}
 
 
 def same_decode_ratios(rate: dict[str, float]) -> dict[str, float]:
@@ -353,6 +373,10 @@ def main() -> int:
                     help="Ray's worker_niceness for the benchmark's Ray (Ray's default is 15); 0: the DataLoader "
                          "workers' niceness, so that other load on a shared host treats both arms alike; "
                          "-1: Ray's default")
+    ap.add_argument("--shuffle-buffer", type=int, default=0,
+                    help="rows drawn through a shuffle buffer of this many rows on every arm (Ray: Data's local "
+                         "shuffle buffer, as training does with 256; DataLoader: webdataset's shuffle of raw "
+                         "samples in each worker); 0: read order")
     ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()
 
@@ -391,14 +415,16 @@ def main() -> int:
         from dvsa.ingest import build_dataset
 
         wanted = args.arms.split(",")
-        loaders = {k: make_loader(urls, spec, vocab, args.batch_size, args.cpus, LOADER_DECODERS[k])
+        loaders = {k: make_loader(urls, spec, vocab, args.batch_size, args.cpus, LOADER_DECODERS[k],
+                                  args.shuffle_buffer)
                    for k in LOADER_DECODERS if k in wanted}
         datasets = {k: build_dataset(root, "train", "caption_region", c, vocab, seed=0)
                     for k, c in cfgs.items() if k in wanted}
         if "ray_pil_no_reservation" in datasets:    # this dataset's own context (a copy) only
             datasets["ray_pil_no_reservation"].context.op_resource_reservation_enabled = False
         arms = {**{k: (lambda l=l: run_dataloader(l)) for k, l in loaders.items()},
-                **{k: (lambda d=d, k=k: run_ray(d, args.batch_size, **RAY_DIAGNOSTICS.get(k, {})))
+                **{k: (lambda d=d, k=k: run_ray(d, args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                                                 **RAY_DIAGNOSTICS.get(k, {})))
                    for k, d in datasets.items()}}
         arms = {k: arms[k] for k in wanted}
         times: dict[str, list[float]] = {k: [] for k in arms}
@@ -436,7 +462,8 @@ def main() -> int:
     roles = sorted({r for v in split.values() for d in v for r in d})
     split_median = {k: {r: statistics.median([d.get(r, 0.0) for d in v]) for r in roles} for k, v in split.items()}
     print(f"\ningest: {args.images} images 640x480 -> {args.size}, {args.cpus} CPUs, batch {args.batch_size}, "
-          f"median of {args.reps} interleaved passes")
+          f"median of {args.reps} interleaved passes"
+          + (f", shuffle buffer {args.shuffle_buffer} rows" if args.shuffle_buffer else ""))
     print(f"{'arm':<24}{'rows/s':>9}{'rows/s/CPU':>12}{'vs same decode':>22}{'vs full decode':>16}"
           f"{'1st batch s':>13}{'steady rows/s':>15}{'rows/CPU-s':>12}{'same, CPU-s':>13}")
     for k, r in rate.items():
@@ -455,7 +482,8 @@ def main() -> int:
            "load_average_before": load_before, "load_average": os.getloadavg(),
            "ray_idle_workers": idle_workers or "ray default",
            "ray_worker_niceness": args.worker_niceness if args.worker_niceness >= 0 else "ray default",
-           "ray_decode_batch_size": decode_batch, "command": " ".join(["benchmarks/ingest.py"] + sys.argv[1:]),
+           "ray_decode_batch_size": decode_batch, "shuffle_buffer": args.shuffle_buffer,
+           "command": " ".join(["benchmarks/ingest.py"] + sys.argv[1:]),
            "seconds": times, "first_batch_s": firsts, "rows_per_s": rate, "rows_per_s_per_cpu": per_cpu,
            "steady_rows_per_s": steady, "first_batch_s_median": first_s,
            "same_decode_arm": {k: v for k, v in SAME_DECODE.items() if k in rate},

@@ -229,7 +229,9 @@ class _Shard:
 
 
 def test_the_loop_reads_the_loss_once_per_log_window_not_per_step():
-    cfg = Config().replace(**{"train.log_every": 5, "train.optimizer": "sgd", "train.max_steps": 0})
+    # batches of 8 rows, drawn through the training shuffle buffer as 10 batches of 8
+    cfg = Config().replace(**{"train.log_every": 5, "train.optimizer": "sgd", "train.max_steps": 0,
+                              "data.batch_size": 8})
     model = torch.nn.Linear(4, 1)
     opt = build_optimizer(model.parameters(), cfg.train)
     trainee = _Trainee(model, model, opt, common.build_scheduler(opt, cfg.train, 10))

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from dvsa.ingest.dataset import mix_seed
+from dvsa.ingest.row_shuffle import shuffled_batches
 from dvsa.ingest.torch_batches import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -44,12 +45,20 @@ def test_normalize_images_is_imagenet_standardisation():
 
 
 def test_train_batches_shuffle_with_the_epochs_seed():
+    """Training takes whole blocks and draws its batches through dvsa's row shuffle buffer
+    (dvsa.ingest.row_shuffle), seeded by (seed, epoch)."""
     shard = _Shard()
     batches = list(iter_train_batches(shard, 3, "cpu", prefetch_batches=4, epoch=2, seed=7, shuffle_buffer=64,
                                       drop_last=True))
-    assert [b["x"].tolist() for b in batches] == [[0, 1, 2], [3, 4]]
-    assert shard.kwargs == {"batch_format": "numpy", "batch_size": 3, "prefetch_batches": 4, "drop_last": True,
-                            "local_shuffle_buffer_size": 64, "local_shuffle_seed": mix_seed(7, 2)}
+    assert shard.kwargs == {"batch_format": "numpy", "batch_size": None, "prefetch_batches": 4}
+    want = list(shuffled_batches(iter(_Shard().batches), 64, 3, mix_seed(7, 2), drop_last=True))
+    assert len(batches) == len(want) == 1                  # 5 rows: one batch of 3, the short one dropped
+    x = batches[0]["x"].tolist()
+    assert x == want[0]["x"].tolist() and len(set(x)) == 3 and set(x) <= set(range(5))
+    assert [int(batches[0]["images"][i].max()) for i in range(3)] == [int(v >= 3) for v in x]   # whole rows
+    draws = {tuple(next(iter(iter_train_batches(_Shard(), 5, "cpu", epoch=e, seed=7, shuffle_buffer=64)))["x"].tolist())
+             for e in range(8)}
+    assert len(draws) > 1 and all(sorted(d) == list(range(5)) for d in draws)   # each epoch its own order
     assert mix_seed(7, 2) != mix_seed(7, 3)
 
 
@@ -69,5 +78,4 @@ def test_cpu_batches_are_tensors_over_the_numpy_batches_memory():
 def test_eval_batches_keep_order_and_every_row():
     shard = _Shard()
     list(iter_eval_batches(shard, 5, "cpu", prefetch_batches=1))
-    assert shard.kwargs["drop_last"] is False
-    assert shard.kwargs["local_shuffle_buffer_size"] is None and shard.kwargs["local_shuffle_seed"] is None
+    assert shard.kwargs == {"batch_format": "numpy", "batch_size": 5, "prefetch_batches": 1, "drop_last": False}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from dvsa.ingest.dataset import mix_seed
+from dvsa.ingest.row_shuffle import shuffled_batches
 
 if TYPE_CHECKING:  # torch is imported lazily: Ray Data decode workers never need it
     import torch
@@ -68,13 +69,19 @@ def _iterate(dataset_shard, batch_size: int, device, prefetch_batches: int, drop
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    kwargs = dict(batch_size=batch_size, prefetch_batches=prefetch_batches, drop_last=drop_last,
-                  local_shuffle_buffer_size=shuffle_buffer or None,
-                  local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
     # numpy batches made tensors here (torch.from_numpy: no copy), not iter_torch_batches, whose
     # per-batch, per-column conversion (a thread pool's map) costs the consuming process ~0.5 ms
     # a batch more (docs/ingest.md, "Consumer"), and which cannot carry the ``jpeg`` bytes column
-    for numpy_batch in dataset_shard.iter_batches(batch_format="numpy", **kwargs):
+    if shuffle_buffer:
+        # whole blocks, shuffled by dvsa's buffer (one copy per row; Ray Data's local shuffle
+        # buffer copies each row several times: dvsa.ingest.row_shuffle)
+        blocks = dataset_shard.iter_batches(batch_size=None, batch_format="numpy",
+                                            prefetch_batches=prefetch_batches)
+        numpy_batches = shuffled_batches(blocks, shuffle_buffer, batch_size, shuffle_seed, drop_last)
+    else:
+        numpy_batches = dataset_shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                   prefetch_batches=prefetch_batches, drop_last=drop_last)
+    for numpy_batch in numpy_batches:
         batch = _tensors(numpy_batch, cuda)
         jpegs = batch.pop("jpeg", None)
         batch = _to_device(batch, device)
