@@ -113,14 +113,10 @@ def _host_batches(cfg, shards: str, vocab, batch_size: int) -> list[dict]:
     import numpy as np
 
     from dvsa.data.shards import iter_samples
-    from dvsa.ingest.builder import BatchBuilder, IngestSpec
-    from dvsa.ingest.dataset import resolve_layout, rows_per_image
+    from dvsa.ingest.builder import BatchBuilder
+    from dvsa.ingest.dataset import ingest_spec, resolve_layout
 
-    layout = resolve_layout("caption", cfg)
-    spec = IngestSpec(layout=layout, image_size=cfg.data.image_size, rows=rows_per_image(layout, cfg),
-                      max_len=cfg.data.max_len, seed=0, epoch=0, randomize=True,
-                      decoder=cfg.data.jpeg_decoder)
-    builder = BatchBuilder(spec, vocab)
+    builder = BatchBuilder(ingest_spec(resolve_layout("caption", cfg), cfg, randomize=True), vocab)
     keys, jpgs, metas = [], [], []
     for key, jpg, meta in iter_samples(shards, "train"):
         keys.append(key)

@@ -127,13 +127,13 @@ def _raw_samples(root: str) -> list[tuple[str, bytes, bytes]]:
 
 
 def _builder(cfg, vocab, decoder: str):
-    from dvsa.ingest.builder import BatchBuilder, IngestSpec
-    from dvsa.ingest.dataset import rows_per_image
+    from dataclasses import replace
+
+    from dvsa.ingest.builder import BatchBuilder
+    from dvsa.ingest.dataset import ingest_spec
 
     layout = "align" if cfg.task == "align" else "caption_region"
-    spec = IngestSpec(layout=layout, image_size=cfg.data.image_size, rows=rows_per_image(layout, cfg),
-                      max_len=cfg.data.max_len, randomize=False, decoder=decoder)
-    return BatchBuilder(spec, vocab)
+    return BatchBuilder(replace(ingest_spec(layout, cfg, randomize=False), decoder=decoder), vocab)
 
 
 def _raw_batch(samples) -> dict:

@@ -294,9 +294,9 @@ def run_ray(ds, batch_size, threaded_metadata: bool = False, torch_batches: bool
     metadata fetcher; ``torch_batches``, batches from Ray's ``iter_torch_batches`` instead;
     ``constant_refresh`` > 0, the resource limits refreshed at that interval all pass long;
     ``unawaited_first_answer``, the pass starts on the coordinator's empty cache, as Ray's does.
-    ``shuffle_buffer`` > 0: rows drawn through Ray Data's local shuffle buffer of that many rows
-    (``iter_train_batches``' training default is 256); ``ray_shuffle``, through Ray Data's local
-    shuffle buffer instead of dvsa's."""
+    ``shuffle_buffer`` > 0: rows drawn through ``iter_train_batches``' shuffle buffer of that many
+    rows (dvsa.ingest.row_shuffle; the training default is 256); ``ray_shuffle``, through Ray
+    Data's local shuffle buffer instead."""
     from ray.data._internal.execution import metadata_fetcher
     from ray.data._internal.execution.resource_manager import ResourceManager
 
@@ -374,9 +374,9 @@ def main() -> int:
                          "workers' niceness, so that other load on a shared host treats both arms alike; "
                          "-1: Ray's default")
     ap.add_argument("--shuffle-buffer", type=int, default=0,
-                    help="rows drawn through a shuffle buffer of this many rows on every arm (Ray: Data's local "
-                         "shuffle buffer, as training does with 256; DataLoader: webdataset's shuffle of raw "
-                         "samples in each worker); 0: read order")
+                    help="rows drawn through a shuffle buffer of this many rows on every arm (Ray: dvsa's "
+                         "row shuffle buffer, as training does with 256, or Ray Data's in ray_pil_ray_shuffle; "
+                         "DataLoader: webdataset's shuffle of raw samples in each worker); 0: read order")
     ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()
 

@@ -94,3 +94,22 @@ def test_bad_sizes_are_refused():
         RowShuffleBuffer(256, 0)
     assert list(shuffled_batches(iter([]), 256, 32)) == []
     assert list(shuffled_batches(iter([{"image_id": np.zeros(0, np.int64)}]), 256, 32)) == []
+
+
+def test_a_block_is_let_go_once_its_rows_are_drawn():
+    import gc
+    import weakref
+
+    blocks = _blocks(30, 64)
+    first = weakref.ref(blocks[0]["images"])
+    buffer = RowShuffleBuffer(128, 32, seed=0)
+    source = iter(blocks)
+    del blocks
+    buffer.add(next(source))
+    for block in source:
+        buffer.add(block)
+        list(buffer.ready())
+    list(buffer.drain())
+    del block, source
+    gc.collect()
+    assert buffer.held_blocks == 0 and first() is None      # not kept alive as a template either

@@ -3,10 +3,11 @@ came in, gathered straight into the batch.
 
 Ray Data's own local shuffle (``iter_batches(local_shuffle_buffer_size=...)``) concatenates the
 buffered blocks into a new block every time it refills, carrying the rows not yet drawn into
-the next one: a row is copied several times before it is drawn. Measured on a 4,800-image pass
-(``benchmarks/ingest.py --shuffle-buffer 256``): the consuming process spent 1.04 CPU-s against
-0.37 s unshuffled, and the DataLoader arm, whose webdataset shuffle moves references to raw
-samples, 0.41 s. Here the buffer holds references to rows of the numpy blocks as they arrived;
+the next one: a row is copied several times before it is drawn. Measured on 4,800-image passes
+(``benchmarks/ingest.py --shuffle-buffer 256``, arms ``ray_pil`` and ``ray_pil_ray_shuffle``):
+the consuming process spent 0.75 CPU-s a pass with this buffer, 1.16-1.19 s with Ray Data's,
+and the DataLoader arm, whose webdataset shuffle moves references to raw samples, 0.45 s.
+Here the buffer holds references to rows of the numpy blocks as they arrived;
 each batch draws ``batch_size`` of them uniformly without replacement and copies them into the
 batch's arrays (``np.take`` per source block): one copy per row, as a DataLoader's collate makes.
 
@@ -38,12 +39,13 @@ class RowShuffleBuffer:
         self.size, self.batch_size, self.drop_last = int(size), int(batch_size), bool(drop_last)
         self.max_blocks = max_blocks
         self._rng = np.random.default_rng(seed)
-        self._blocks: dict[int, dict[str, np.ndarray]] = {}
-        self._left: dict[int, int] = {}             # block id -> its rows still in the pool
+        self._blocks: dict[int, dict[str, np.ndarray]] = {}   # block id -> block, while in the pool
         self._next_id = 0
         self._pool_block = np.zeros(0, np.int64)    # [P] the pool: block id and row of each row
         self._pool_row = np.zeros(0, np.int64)
-        self._template: Optional[dict[str, np.ndarray]] = None
+        # column -> (a row's shape, dtype): what a batch's arrays are made of (not the first
+        # block itself, which would then stay held all pass)
+        self._columns: Optional[dict[str, tuple[tuple[int, ...], np.dtype]]] = None
 
     # ----------------------------------------------------------------- filling
     def add(self, block: dict) -> None:
@@ -51,20 +53,21 @@ class RowShuffleBuffer:
         n = len(next(iter(block.values()))) if block else 0
         if n == 0:
             return
-        if self._template is None:
-            self._template = block
+        if self._columns is None:
+            self._columns = {c: (v.shape[1:], v.dtype) for c, v in block.items()}
             if self.max_blocks is None:   # ~ twice the blocks the buffer spans, and never < 4
                 self.max_blocks = max(4, 2 * math.ceil((self.size + self.batch_size) / n) + 2)
-        self._hold(block, np.arange(n, dtype=np.int64))
+        self._hold(block, n)
         if len(self._blocks) > self.max_blocks:
             self._compact()
 
-    def _hold(self, block: dict, rows: np.ndarray) -> None:
+    def _hold(self, block: dict, n: int) -> None:
+        """Every row of ``block`` (``n`` rows) into the pool."""
         bid = self._next_id
         self._next_id += 1
-        self._blocks[bid], self._left[bid] = block, len(rows)
-        self._pool_block = np.concatenate([self._pool_block, np.full(len(rows), bid, np.int64)])
-        self._pool_row = np.concatenate([self._pool_row, rows])
+        self._blocks[bid] = block
+        self._pool_block = np.concatenate([self._pool_block, np.full(n, bid, np.int64)])
+        self._pool_row = np.concatenate([self._pool_row, np.arange(n, dtype=np.int64)])
 
     def _compact(self) -> None:
         """The rows left in the older half of the held blocks -> one new block."""
@@ -73,8 +76,8 @@ class RowShuffleBuffer:
         moved = self._gather(self._pool_block[in_old], self._pool_row[in_old])
         self._pool_block, self._pool_row = self._pool_block[~in_old], self._pool_row[~in_old]
         for bid in old:
-            del self._blocks[bid], self._left[bid]
-        self._hold(moved, np.arange(len(moved[next(iter(moved))]), dtype=np.int64))
+            del self._blocks[bid]
+        self._hold(moved, int(in_old.sum()))
 
     # ----------------------------------------------------------------- drawing
     def ready(self) -> Iterator[dict]:
@@ -96,18 +99,17 @@ class RowShuffleBuffer:
         keep[picked] = False
         self._pool_block, self._pool_row = self._pool_block[keep], self._pool_row[keep]
         batch = self._gather(blocks, rows)
-        for bid, count in zip(*np.unique(blocks, return_counts=True)):
-            self._left[int(bid)] -= int(count)
-            if self._left[int(bid)] == 0:           # its last row is drawn: let the block go
-                del self._left[int(bid)], self._blocks[int(bid)]
+        drawn = np.unique(blocks)
+        for bid in drawn[~np.isin(drawn, self._pool_block)]:    # its last row is drawn: let it go
+            del self._blocks[int(bid)]
         return batch
 
     def _gather(self, blocks: np.ndarray, rows: np.ndarray) -> dict:
         """New arrays of the rows ``(blocks[i], rows[i])``, grouped by block: one copy per row."""
-        assert self._template is not None
+        assert self._columns is not None
         order = np.argsort(blocks, kind="stable")
         blocks, rows = blocks[order], rows[order]
-        out = {c: np.empty((len(rows),) + v.shape[1:], v.dtype) for c, v in self._template.items()}
+        out = {c: np.empty((len(rows),) + shape, dtype) for c, (shape, dtype) in self._columns.items()}
         bounds = np.flatnonzero(np.diff(blocks)) + 1
         for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
             src = self._blocks[int(blocks[start])]
